@@ -1,0 +1,417 @@
+//! SQLite connections of one database file in this process: one write connection behind a
+//! reentrant, thread-owned lock (so a batch can hold it across calls), a pool of read
+//! connections, a watcher thread that turns other processes' commits into wake-ups, and a
+//! maintenance thread that checkpoints the WAL and keeps it under its size limit.
+//! Every write transaction starts with BEGIN IMMEDIATE (a deferred one that reads then writes
+//! would fail with SQLITE_BUSY at once, whatever the busy timeout).
+
+use std::cell::Cell;
+use std::mem::ManuallyDrop;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use parking_lot::{Mutex, ReentrantMutex};
+use rusqlite::{Connection, OpenFlags};
+
+use super::schema;
+use super::Config;
+use crate::error::{Error, Result};
+use crate::hub::Hub;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Synchronous {
+    Normal,
+    Full,
+}
+
+impl FromStr for Synchronous {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Synchronous> {
+        match s.to_ascii_lowercase().as_str() {
+            "normal" => Ok(Synchronous::Normal),
+            "full" => Ok(Synchronous::Full),
+            _ => Err(Error::invalid("synchronous", format!("{s:?} (expected normal or full)"))),
+        }
+    }
+}
+
+pub(super) struct Writer {
+    pub conn: Connection,
+    /// Open batch nesting depth of the owning thread (0: no batch).
+    pub batch: Cell<u32>,
+}
+
+pub(super) struct Db {
+    pub pid: u32,
+    pub path: PathBuf,
+    pub config: Config,
+    // ManuallyDrop: in a forked child these connections belong to the parent and must never be
+    // closed (closing would release the parent's POSIX locks); Drop leaks them there.
+    pub writer: ManuallyDrop<ReentrantMutex<Writer>>,
+    readers: ManuallyDrop<Mutex<Vec<Connection>>>,
+    pub hub: Arc<Hub>,
+    stop: Arc<AtomicBool>,
+    wake_maintenance: Sender<()>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stop_pipe: [libc::c_int; 2],
+}
+
+static REGISTRY: Mutex<Vec<(u32, PathBuf, Synchronous, Weak<Db>)>> = Mutex::new(Vec::new());
+
+/// Absolute, symlink-free path of a file that may not exist yet.
+fn normalize(path: &Path) -> Result<PathBuf> {
+    let abs = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) };
+    let (Some(dir), Some(name)) = (abs.parent(), abs.file_name()) else {
+        return Err(Error::invalid("database", format!("{} is not a file path", path.display())));
+    };
+    let dir = dir.canonicalize().map_err(|e| Error::invalid("database", format!("{}: directory {}: {e}", path.display(), dir.display())))?;
+    Ok(dir.join(name))
+}
+
+fn open_connection(path: &Path, config: &Config) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| Error::Storage { message: format!("cannot open {}: {e}", path.display()) })?;
+    let timeout = config.busy_timeout;
+    let mut started = Instant::now();
+    // Short sleeps first: within one machine, locks are held for tens of microseconds.
+    conn.busy_handler(Some(move |n: i32| {
+        if n == 0 {
+            started = Instant::now();
+        }
+        if started.elapsed() >= timeout {
+            return false;
+        }
+        let micros = (20u64 << (n.clamp(0, 10) as u32)).min(2_000);
+        std::thread::sleep(Duration::from_micros(micros));
+        true
+    }))?;
+    conn.set_prepared_statement_cache_capacity(128);
+    Ok(conn)
+}
+
+fn configure(conn: &Connection, config: &Config) -> Result<()> {
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Storage { message: format!("cannot switch {} to WAL mode (got {mode})", config.path.display()) });
+    }
+    let sync = match config.synchronous {
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {sync};
+         PRAGMA wal_autocheckpoint = 0;
+         PRAGMA journal_size_limit = {};
+         PRAGMA temp_store = MEMORY;
+         PRAGMA cache_size = -8000;
+         PRAGMA foreign_keys = OFF;",
+        config.wal_limit_bytes
+    ))?;
+    Ok(())
+}
+
+impl Db {
+    /// The process-wide Db of this file (shared by every Store of this process), opened if needed.
+    pub fn get(config: &Config) -> Result<Arc<Db>> {
+        let path = normalize(&config.path)?;
+        let pid = std::process::id();
+        let mut reg = REGISTRY.lock();
+        reg.retain(|(p, _, _, w)| *p == pid && w.strong_count() > 0);
+        if let Some(db) = reg.iter().find(|(_, p, s, _)| *p == path && *s == config.synchronous).and_then(|(_, _, _, w)| w.upgrade()) {
+            return Ok(db);
+        }
+        let db = Db::open(path.clone(), config)?;
+        reg.push((pid, path, config.synchronous, Arc::downgrade(&db)));
+        Ok(db)
+    }
+
+    fn open(path: PathBuf, config: &Config) -> Result<Arc<Db>> {
+        let display = path.display().to_string();
+        let not_db = |e: Error| match e {
+            Error::NotADatabase { message, .. } => Error::NotADatabase { path: display.clone(), message },
+            other => other,
+        };
+        let conn = open_connection(&path, config)?;
+        // Inspect before anything can write to the file (a foreign or newer file stays untouched).
+        schema::inspect(&conn, &display).map_err(not_db)?;
+        configure(&conn, config).map_err(not_db)?;
+        schema::migrate(&conn, &display).map_err(not_db)?;
+
+        let mut pipe = [0; 2];
+        // SAFETY: pipe writes two fds into the array we own.
+        if unsafe { libc::pipe(pipe.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let (wake_tx, wake_rx) = bounded(1);
+        let db = Arc::new(Db {
+            pid: std::process::id(),
+            path: path.clone(),
+            config: config.clone(),
+            writer: ManuallyDrop::new(ReentrantMutex::new(Writer { conn, batch: Cell::new(0) })),
+            readers: ManuallyDrop::new(Mutex::new(Vec::new())),
+            hub: Arc::new(Hub::default()),
+            stop: Arc::new(AtomicBool::new(false)),
+            wake_maintenance: wake_tx,
+            threads: Mutex::new(Vec::new()),
+            stop_pipe: pipe,
+        });
+        let watcher = spawn_watcher(&db)?;
+        let maintenance = spawn_maintenance(&db, wake_rx)?;
+        db.threads.lock().extend([watcher, maintenance]);
+        Ok(db)
+    }
+
+    /// Runs `f` in a write transaction (a savepoint inside an open batch of this thread).
+    pub fn write<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
+        let guard = self.writer.lock();
+        let conn = &guard.conn;
+        let in_batch = guard.batch.get() > 0;
+        let (begin, commit, rollback) = if in_batch {
+            ("SAVEPOINT op", "RELEASE op", "ROLLBACK TO op; RELEASE op")
+        } else {
+            ("BEGIN IMMEDIATE", "COMMIT", "ROLLBACK")
+        };
+        let before = conn.total_changes();
+        conn.execute_batch(begin)?;
+        match f(conn) {
+            Ok(r) => match conn.execute_batch(commit) {
+                Ok(()) => {
+                    // Only real changes wake waiters: an empty claim must not wake its own writer.
+                    let changed = conn.total_changes() != before;
+                    drop(guard);
+                    if changed && !in_batch {
+                        self.committed();
+                    }
+                    Ok(r)
+                }
+                Err(e) => {
+                    let _ = conn.execute_batch(rollback);
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                let _ = conn.execute_batch(rollback);
+                Err(e)
+            }
+        }
+    }
+
+    /// After a local commit: wake local waiters and let the maintenance thread look at the WAL.
+    pub fn committed(&self) {
+        self.hub.notify();
+        let _ = self.wake_maintenance.try_send(());
+    }
+
+    /// Runs `f` on a read connection (on the write connection while this thread holds a batch,
+    /// so it sees its own uncommitted tasks).
+    pub fn read<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
+        if self.writer.is_owned_by_current_thread() {
+            let guard = self.writer.lock();
+            return f(&guard.conn);
+        }
+        let conn = match self.readers.lock().pop() {
+            Some(c) => c,
+            None => {
+                let c = open_connection(&self.path, &self.config)?;
+                c.execute_batch("PRAGMA query_only = 1; PRAGMA cache_size = -2000;")?;
+                c
+            }
+        };
+        let out = f(&conn);
+        let mut pool = self.readers.lock();
+        if pool.len() < 8 {
+            pool.push(conn);
+        }
+        out
+    }
+
+    pub fn begin_batch(&self) -> Result<()> {
+        let guard = self.writer.lock();
+        let depth = guard.batch.get();
+        let sql = if depth == 0 { "BEGIN IMMEDIATE".to_string() } else { format!("SAVEPOINT batch{depth}") };
+        guard.conn.execute_batch(&sql)?;
+        guard.batch.set(depth + 1);
+        // The lock stays held by this thread until end_batch.
+        std::mem::forget(guard);
+        Ok(())
+    }
+
+    pub fn end_batch(&self, commit: bool) -> Result<()> {
+        if !self.writer.is_owned_by_current_thread() {
+            return Err(Error::invalid("batch", "a batch must end on the thread that began it"));
+        }
+        let outcome = {
+            let guard = self.writer.lock();
+            let depth = guard.batch.get();
+            if depth == 0 {
+                return Err(Error::invalid("batch", "no batch is open on this thread"));
+            }
+            let sql = match (depth, commit) {
+                (1, true) => "COMMIT".to_string(),
+                (1, false) => "ROLLBACK".to_string(),
+                (d, true) => format!("RELEASE batch{}", d - 1),
+                (d, false) => format!("ROLLBACK TO batch{n}; RELEASE batch{n}", n = d - 1),
+            };
+            let mut res = guard.conn.execute_batch(&sql).map_err(Error::from);
+            if res.is_err() && depth == 1 {
+                let _ = guard.conn.execute_batch("ROLLBACK");
+            }
+            if res.is_ok() && depth == 1 && !commit {
+                res = Ok(());
+            }
+            guard.batch.set(depth - 1);
+            (res, depth == 1 && commit)
+        };
+        // SAFETY: begin_batch forgot the guard it took on this thread (checked above).
+        unsafe { self.writer.force_unlock() };
+        if outcome.1 && outcome.0.is_ok() {
+            self.committed();
+        }
+        outcome.0
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if self.pid != std::process::id() {
+            // Inherited across fork: the threads do not exist here and the connections are the
+            // parent's. Leak them.
+            return;
+        }
+        self.stop.store(true, Ordering::Release);
+        // SAFETY: writing one byte to the pipe we own wakes the watcher's poll.
+        unsafe { libc::write(self.stop_pipe[1], [1u8].as_ptr().cast(), 1) };
+        let _ = self.wake_maintenance.try_send(());
+        for t in self.threads.lock().drain(..) {
+            let _ = t.join();
+        }
+        // SAFETY: both fds are ours and no thread uses them any more.
+        unsafe {
+            libc::close(self.stop_pipe[0]);
+            libc::close(self.stop_pipe[1]);
+            ManuallyDrop::drop(&mut self.readers);
+            ManuallyDrop::drop(&mut self.writer);
+        }
+    }
+}
+
+/// Watches the -wal file: every commit of any process writes to it, so an inotify event is a
+/// cheap, immediate "something changed" with no polling. Falls back to a 2 ms poll of
+/// `PRAGMA data_version` where inotify is unavailable.
+fn spawn_watcher(db: &Arc<Db>) -> Result<JoinHandle<()>> {
+    let hub = db.hub.clone();
+    let stop = db.stop.clone();
+    let stop_fd = db.stop_pipe[0];
+    let path = db.path.clone();
+    let config = db.config.clone();
+    let handle = std::thread::Builder::new().name("qd-watcher".into()).spawn(move || {
+        #[cfg(target_os = "linux")]
+        if watch_inotify(&path, &hub, &stop, stop_fd) {
+            return;
+        }
+        let _ = stop_fd;
+        let Ok(conn) = open_connection(&path, &config) else { return };
+        let mut last = -1i64;
+        while !stop.load(Ordering::Acquire) {
+            if let Ok(v) = conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0)) {
+                if v != last {
+                    last = v;
+                    hub.notify();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    })?;
+    Ok(handle)
+}
+
+/// Returns false if inotify could not be set up (the caller then polls).
+#[cfg(target_os = "linux")]
+fn watch_inotify(path: &Path, hub: &Hub, stop: &AtomicBool, stop_fd: libc::c_int) -> bool {
+    use inotify::{Inotify, WatchMask};
+    use std::os::fd::AsRawFd;
+
+    let Ok(mut inotify) = Inotify::init() else { return false };
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return false };
+    let mut wal_name = name.to_os_string();
+    wal_name.push("-wal");
+    if inotify.watches().add(dir, WatchMask::MODIFY | WatchMask::CREATE | WatchMask::CLOSE_WRITE).is_err() {
+        return false;
+    }
+    let fd = inotify.as_raw_fd();
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Acquire) {
+        let mut fds = [
+            libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop_fd, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: fds is a valid array of two pollfd structs.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+        if rc <= 0 || fds[1].revents != 0 {
+            continue;
+        }
+        match inotify.read_events(&mut buf) {
+            Ok(events) => {
+                if events.into_iter().any(|e| e.name.is_some_and(|n| n == wal_name.as_os_str())) {
+                    hub.notify();
+                    // Coalesce bursts: under load every commit writes the WAL.
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Checkpoints from this thread, never inside a committing caller: PASSIVE after writes, and a
+/// TRUNCATE once the -wal file has outgrown its limit (e.g. after a long-lived reader held
+/// checkpoints back), so the file shrinks again as soon as nothing pins it.
+fn spawn_maintenance(db: &Arc<Db>, wake: Receiver<()>) -> Result<JoinHandle<()>> {
+    let stop = db.stop.clone();
+    let path = db.path.clone();
+    let config = db.config.clone();
+    let mut wal_path = path.clone().into_os_string();
+    wal_path.push("-wal");
+    let wal_path = PathBuf::from(wal_path);
+    let handle = std::thread::Builder::new().name("qd-checkpoint".into()).spawn(move || {
+        let Ok(conn) = open_connection(&path, &config) else { return };
+        // Checkpoints must not wait long for locks: the next round retries.
+        let _ = conn.busy_timeout(Duration::from_millis(5));
+        let limit = config.wal_limit_bytes;
+        let mut dirty = false;
+        while !stop.load(Ordering::Acquire) {
+            match wake.recv_timeout(Duration::from_millis(if dirty { 100 } else { 1000 })) {
+                Ok(()) => {
+                    dirty = true;
+                    // Let a burst of commits accumulate before checkpointing.
+                    std::thread::sleep(Duration::from_millis(20));
+                    while wake.try_recv().is_ok() {}
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            }
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            let size = std::fs::metadata(&wal_path).map(|m| m.len()).unwrap_or(0);
+            if size <= limit && !dirty {
+                continue;
+            }
+            let mode = if size > limit { "TRUNCATE" } else { "PASSIVE" };
+            let res = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            });
+            // Done when every frame is in the database; otherwise a reader pins the WAL: retry.
+            dirty = !matches!(res, Ok((0, log, done)) if log == done);
+        }
+    })?;
+    Ok(handle)
+}

@@ -1,0 +1,220 @@
+//! Schema and migrations of the SQLite store. Runs once per open under BEGIN IMMEDIATE and
+//! re-reads user_version inside the transaction, so two processes opening a fresh file cannot
+//! both migrate it. The schema itself enforces what must never break: one running task per named
+//! queue (unique partial index), known runtimes and states (CHECK), and dependency bookkeeping
+//! (triggers), so even rows written by hand are handled by the same rules.
+
+use rusqlite::Connection;
+
+use crate::error::{Error, Result};
+
+/// 'QDSP': marks a file as ours, so a foreign SQLite file is refused instead of modified.
+pub const APPLICATION_ID: i64 = 0x5144_5350;
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Recomputes the head of one named queue: its lowest (priority, id) ready task, or NULL while a
+/// task of it runs or a restarted task (retry or lost run) waits, which keeps its place.
+fn recompute_head(queue_expr: &str) -> String {
+    format!(
+        "UPDATE queues SET (head_id, head_priority, head_runtime) = (
+           SELECT h.id, h.priority, h.runtime FROM tasks h
+            WHERE h.queue = queues.name AND h.state = 'new' AND h.pending_deps = 0
+              AND h.failed_dep IS NULL AND h.delayed = 0
+              AND NOT EXISTS (SELECT 1 FROM tasks r WHERE r.queue = queues.name AND r.state = 'running')
+              AND (h.attempts > 0 OR h.lost > 0 OR NOT EXISTS (
+                     SELECT 1 FROM tasks w WHERE w.queue = queues.name AND w.state = 'new'
+                        AND (w.attempts > 0 OR w.lost > 0)))
+            ORDER BY h.priority, h.id LIMIT 1)
+         WHERE name = {queue_expr};"
+    )
+}
+
+fn v1() -> String {
+    format!(
+        r#"
+CREATE TABLE tasks (
+  id            INTEGER PRIMARY KEY,
+  queue         TEXT CHECK (queue IS NULL OR length(queue) BETWEEN 1 AND 200),
+  runtime       TEXT NOT NULL CHECK (runtime IN ('python', 'ruby')),
+  target        TEXT NOT NULL,
+  receiver      TEXT,
+  args          TEXT NOT NULL DEFAULT '{{"args":[],"kwargs":{{}}}}',
+  priority      INTEGER NOT NULL DEFAULT 100,
+  state         TEXT NOT NULL DEFAULT 'new'
+                CHECK (state IN ('new', 'running', 'successful', 'error', 'aborted')),
+  attempts      INTEGER NOT NULL DEFAULT 0,
+  retries       INTEGER NOT NULL DEFAULT 0 CHECK (retries >= 0),
+  lost          INTEGER NOT NULL DEFAULT 0,
+  run_at        INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000000 AS INTEGER)),
+  delayed       INTEGER NOT NULL DEFAULT 0,
+  timeout_ms    INTEGER,
+  unique_key    TEXT,
+  meta          TEXT,
+  result        TEXT,
+  error         TEXT,
+  error_history TEXT,
+  message       TEXT,
+  perc_finished REAL,
+  enqueued_at   INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000000 AS INTEGER)),
+  started_at    INTEGER,
+  finished_at   INTEGER,
+  dispatcher_id INTEGER,
+  token         INTEGER,
+  pending_deps  INTEGER NOT NULL DEFAULT 0,
+  failed_dep    INTEGER,
+  cancel        INTEGER NOT NULL DEFAULT 0,
+  handover      INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE UNIQUE INDEX tasks_one_running_per_queue ON tasks(queue)
+  WHERE state = 'running' AND queue IS NOT NULL;
+CREATE INDEX tasks_ready_parallel ON tasks(runtime, priority, id)
+  WHERE state = 'new' AND queue IS NULL AND pending_deps = 0 AND failed_dep IS NULL AND delayed = 0;
+CREATE INDEX tasks_ready_queued ON tasks(queue, priority, id)
+  WHERE state = 'new' AND pending_deps = 0 AND failed_dep IS NULL AND delayed = 0;
+CREATE INDEX tasks_restarted ON tasks(queue)
+  WHERE state = 'new' AND (attempts > 0 OR lost > 0);
+CREATE INDEX tasks_delayed ON tasks(run_at) WHERE state = 'new' AND delayed = 1;
+CREATE INDEX tasks_failed_dep ON tasks(runtime) WHERE state = 'new' AND failed_dep IS NOT NULL;
+CREATE INDEX tasks_handover ON tasks(runtime) WHERE handover = 1;
+CREATE INDEX tasks_running ON tasks(dispatcher_id) WHERE state = 'running';
+CREATE UNIQUE INDEX tasks_unique_key ON tasks(unique_key)
+  WHERE unique_key IS NOT NULL AND state IN ('new', 'running');
+CREATE INDEX tasks_finished ON tasks(finished_at)
+  WHERE state IN ('successful', 'error', 'aborted');
+
+CREATE TABLE task_deps (
+  task_id    INTEGER NOT NULL,
+  depends_on INTEGER NOT NULL,
+  PRIMARY KEY (task_id, depends_on)
+) WITHOUT ROWID;
+CREATE INDEX task_deps_reverse ON task_deps(depends_on, task_id);
+
+CREATE TABLE queues (
+  name          TEXT PRIMARY KEY,
+  paused        INTEGER NOT NULL DEFAULT 0,
+  head_id       INTEGER,
+  head_priority INTEGER,
+  head_runtime  TEXT
+);
+CREATE INDEX queues_heads ON queues(head_runtime, head_priority, head_id)
+  WHERE head_id IS NOT NULL AND paused = 0;
+
+CREATE TABLE dispatchers (
+  id           INTEGER PRIMARY KEY,
+  runtime      TEXT NOT NULL CHECK (runtime IN ('python', 'ruby')),
+  name         TEXT NOT NULL,
+  host         TEXT NOT NULL,
+  pid          INTEGER NOT NULL,
+  workers      INTEGER NOT NULL,
+  queues       TEXT,
+  started_at   INTEGER NOT NULL,
+  heartbeat_at INTEGER NOT NULL,
+  beat_mono    INTEGER NOT NULL,
+  boot_id      TEXT NOT NULL,
+  lease_ms     INTEGER NOT NULL
+);
+
+-- A dependency counts as pending while it is unfinished; a failed, aborted or missing one marks
+-- the dependent so that a worker of its runtime fails it without running it.
+CREATE TRIGGER task_deps_added AFTER INSERT ON task_deps BEGIN
+  UPDATE tasks SET pending_deps = pending_deps + 1
+   WHERE id = NEW.task_id
+     AND EXISTS (SELECT 1 FROM tasks d WHERE d.id = NEW.depends_on AND d.state IN ('new', 'running'));
+  UPDATE tasks SET failed_dep = NEW.depends_on
+   WHERE id = NEW.task_id AND failed_dep IS NULL
+     AND NOT EXISTS (SELECT 1 FROM tasks d WHERE d.id = NEW.depends_on
+                      AND d.state IN ('new', 'running', 'successful'));
+END;
+
+CREATE TRIGGER tasks_succeeded AFTER UPDATE OF state ON tasks
+WHEN NEW.state = 'successful' AND OLD.state <> 'successful' BEGIN
+  UPDATE tasks SET pending_deps = pending_deps - 1
+   WHERE id IN (SELECT task_id FROM task_deps WHERE depends_on = NEW.id) AND pending_deps > 0;
+END;
+
+CREATE TRIGGER tasks_failed AFTER UPDATE OF state ON tasks
+WHEN NEW.state IN ('error', 'aborted') AND OLD.state NOT IN ('error', 'aborted') BEGIN
+  UPDATE tasks SET failed_dep = NEW.id
+   WHERE id IN (SELECT task_id FROM task_deps WHERE depends_on = NEW.id)
+     AND state = 'new' AND failed_dep IS NULL;
+END;
+
+CREATE TRIGGER tasks_deleted AFTER DELETE ON tasks BEGIN
+  DELETE FROM task_deps WHERE task_id = OLD.id;
+  UPDATE tasks SET failed_dep = OLD.id
+   WHERE id IN (SELECT task_id FROM task_deps WHERE depends_on = OLD.id)
+     AND state = 'new' AND failed_dep IS NULL;
+  DELETE FROM task_deps WHERE depends_on = OLD.id;
+END;
+
+CREATE TRIGGER tasks_queued AFTER INSERT ON tasks WHEN NEW.queue IS NOT NULL BEGIN
+  INSERT OR IGNORE INTO queues(name) VALUES (NEW.queue);
+  {head_new}
+END;
+
+CREATE TRIGGER tasks_queue_changed
+AFTER UPDATE OF state, pending_deps, failed_dep, delayed, attempts, lost, priority ON tasks
+WHEN NEW.queue IS NOT NULL BEGIN
+  {head_new}
+END;
+
+CREATE TRIGGER tasks_queue_deleted AFTER DELETE ON tasks
+WHEN OLD.queue IS NOT NULL AND OLD.state IN ('new', 'running') BEGIN
+  {head_old}
+END;
+"#,
+        head_new = recompute_head("NEW.queue"),
+        head_old = recompute_head("OLD.queue"),
+    )
+}
+
+fn read_header(conn: &Connection, path: &str) -> Result<(i64, i64, i64)> {
+    let not_ours = |e: rusqlite::Error| Error::NotADatabase { path: path.to_string(), message: e.to_string() };
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(not_ours)?;
+    let app: i64 = conn.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(not_ours)?;
+    let objects: i64 = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0)).map_err(not_ours)?;
+    Ok((version, app, objects))
+}
+
+/// Reads the header without writing: refuses files that are not ours or are newer than we know.
+/// Returns whether the schema needs migrating.
+pub fn inspect(conn: &Connection, path: &str) -> Result<bool> {
+    let (version, app, objects) = read_header(conn, path)?;
+    if app != APPLICATION_ID && (objects > 0 || version != 0) {
+        return Err(Error::NotADatabase {
+            path: path.to_string(),
+            message: format!("it is an SQLite database of another application (application_id {app}, {objects} schema objects)"),
+        });
+    }
+    if version > SCHEMA_VERSION {
+        return Err(Error::SchemaTooNew { found: version, supported: SCHEMA_VERSION });
+    }
+    Ok(version < SCHEMA_VERSION)
+}
+
+/// Brings the schema up to date under BEGIN IMMEDIATE, re-inspecting inside the transaction.
+pub fn migrate(conn: &Connection, path: &str) -> Result<()> {
+    if !inspect(conn, path)? {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let run = || -> Result<()> {
+        if !inspect(conn, path)? {
+            return Ok(());
+        }
+        let (version, _, _) = read_header(conn, path)?;
+        if version < 1 {
+            conn.execute_batch(&v1())?;
+        }
+        conn.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"))?;
+        Ok(())
+    };
+    match run() {
+        Ok(()) => Ok(conn.execute_batch("COMMIT")?),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
