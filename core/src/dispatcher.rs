@@ -66,7 +66,7 @@ impl DispatcherConfig {
 }
 
 /// What a worker got from a claim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ClaimKind {
     /// Run the task's code, then `complete` it.
     Run,

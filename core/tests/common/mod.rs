@@ -45,7 +45,7 @@ pub fn dispatcher(store: &Store, runtime: Runtime) -> Dispatcher {
 }
 
 pub fn claim(w: &Worker) -> Claimed {
-    w.claim(Some(Duration::from_secs(5))).expect("claim").expect("a task within 5 s")
+    w.claim(Some(Duration::from_secs(10))).expect("claim").expect("a task within 10 s")
 }
 
 pub fn claim_none(w: &Worker, wait: Duration) {
