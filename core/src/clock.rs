@@ -30,7 +30,9 @@ pub fn mono_micros() -> i64 {
     let clock = libc::CLOCK_MONOTONIC;
     // SAFETY: clock_gettime writes into the timespec we own; the clock id is valid.
     unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as i64 * 1_000_000 + ts.tv_nsec as i64 / 1_000
+    #[allow(clippy::unnecessary_cast)] // time_t is not i64 everywhere
+    let micros = ts.tv_sec as i64 * 1_000_000 + ts.tv_nsec as i64 / 1_000;
+    micros
 }
 
 /// Identifies this boot of this machine; monotonic readings are only comparable within one.

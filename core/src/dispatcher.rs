@@ -5,6 +5,7 @@
 //!   it in one transaction (group commit), acknowledging each outcome only after its commit;
 //! - the ticker thread heartbeats, recovers tasks of dead dispatchers, raises timeout and cancel
 //!   flags, and purges old tasks.
+//!
 //! Delivery is at-least-once: it is worse to lose a task than to run it twice. A claim never
 //! takes more tasks than there are waiting workers, and a dispatcher whose heartbeat is older
 //! than half its lease claims nothing.
@@ -99,7 +100,7 @@ impl Claimed {
 enum SlotState {
     Waiting,
     Claiming { cancel: bool },
-    Done(Result<Option<Claimed>>),
+    Done(Result<Option<Box<Claimed>>>),
     Gone,
 }
 
@@ -111,7 +112,7 @@ struct Slot {
 
 impl Slot {
     fn finish(&self, value: Result<Option<Claimed>>) {
-        *self.state.lock() = SlotState::Done(value);
+        *self.state.lock() = SlotState::Done(value.map(|c| c.map(Box::new)));
         self.cv.notify_all();
     }
 
@@ -340,7 +341,7 @@ impl Worker {
             let mut st = slot.state.lock();
             loop {
                 match std::mem::replace(&mut *st, SlotState::Gone) {
-                    SlotState::Done(v) => return v,
+                    SlotState::Done(v) => return v.map(|c| c.map(|b| *b)),
                     SlotState::Gone => return Ok(None),
                     SlotState::Waiting if deadline.is_some_and(|d| Instant::now() >= d) => return Ok(None),
                     other => *st = other,

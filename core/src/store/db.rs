@@ -61,7 +61,9 @@ pub(super) struct Db {
     stop_pipe: [libc::c_int; 2],
 }
 
-static REGISTRY: Mutex<Vec<(u32, PathBuf, Synchronous, Weak<Db>)>> = Mutex::new(Vec::new());
+/// (pid, file, synchronous) → the Db of that process; entries of other pids are stale after fork.
+type Registry = Vec<(u32, PathBuf, Synchronous, Weak<Db>)>;
+static REGISTRY: Mutex<Registry> = Mutex::new(Vec::new());
 
 /// Absolute, symlink-free path of a file that may not exist yet.
 fn normalize(path: &Path) -> Result<PathBuf> {
