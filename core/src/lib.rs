@@ -17,10 +17,12 @@
 //! The behaviour contract is the project's DESIGN.md; each rule is enforced where it is named
 //! in the module docs (`store::schema` for what the database itself guarantees).
 
+pub mod admin;
 pub mod clock;
 mod dispatcher;
 mod error;
 mod hub;
+pub mod pidfile;
 mod retry;
 mod store;
 pub mod target;
@@ -29,6 +31,7 @@ mod task;
 pub use dispatcher::{ClaimKind, Claimed, Dispatcher, DispatcherConfig, Worker, WorkerWaker};
 pub use error::{Error, Result};
 pub use hub::CancelFlag;
+pub use pidfile::PidFile;
 pub use store::{Batch, Config, QueueSelection, Store, Synchronous, DB_ENV, DEFAULT_DB};
 pub use task::{
     CancelReason, DispatcherInfo, Enqueued, ErrorRecord, NewTask, Outcome, QueueCounts, Runtime, Settled, State,

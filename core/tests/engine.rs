@@ -732,3 +732,20 @@ fn a_dispatcher_that_cannot_heartbeat_stops_claiming() {
     assert_eq!(c.task.id, id, "claims resume once the heartbeat succeeds again");
     ok(&w, &c);
 }
+
+#[test]
+fn status_report_shows_dispatchers_queues_and_running_tasks() {
+    let db = sqlite();
+    db.store.enqueue(py("a").queue("mail")).unwrap();
+    db.store.enqueue(py("b").queue("mail")).unwrap();
+    let d = dispatcher(&db.store, Runtime::Python);
+    let w = d.worker();
+    let c = claim(&w);
+    w.progress(&c, Some("sending"), Some(40.0)).unwrap();
+    wait_until("progress", Duration::from_secs(2), || db.store.task(c.task.id).unwrap().message.is_some());
+    let report = admin::status_report(&db.store).unwrap();
+    for needle in ["dispatchers:", "python", "alive", "mail", "running tasks:", "tests.jobs:a", "40%", "sending"] {
+        assert!(report.contains(needle), "{needle:?} missing from:\n{report}");
+    }
+    ok(&w, &c);
+}
