@@ -61,8 +61,8 @@ pub(super) struct Db {
     stop_pipe: [libc::c_int; 2],
 }
 
-/// (pid, file, synchronous) → the Db of that process; entries of other pids are stale after fork.
-type Registry = Vec<(u32, PathBuf, Synchronous, Weak<Db>)>;
+/// (pid, file, options) → the Db of that process; entries of other pids are stale after fork.
+type Registry = Vec<(u32, PathBuf, Config, Weak<Db>)>;
 static REGISTRY: Mutex<Registry> = Mutex::new(Vec::new());
 
 /// Absolute, symlink-free path of a file that may not exist yet.
@@ -98,7 +98,17 @@ fn open_connection(path: &Path, config: &Config) -> Result<Connection> {
 }
 
 fn configure(conn: &Connection, config: &Config) -> Result<()> {
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    // Two connections switching a fresh file to WAL at once: the loser gets SQLITE_BUSY at once
+    // (a lock upgrade the busy handler is not asked about). Retry within the busy timeout.
+    let started = Instant::now();
+    let mode: String = loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) && started.elapsed() < config.busy_timeout => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            other => break other?,
+        }
+    };
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(Error::Storage { message: format!("cannot switch {} to WAL mode (got {mode})", config.path.display()) });
     }
@@ -125,11 +135,15 @@ impl Db {
         let pid = std::process::id();
         let mut reg = REGISTRY.lock();
         reg.retain(|(p, _, _, w)| *p == pid && w.strong_count() > 0);
-        if let Some(db) = reg.iter().find(|(_, p, s, _)| *p == path && *s == config.synchronous).and_then(|(_, _, _, w)| w.upgrade()) {
+        // Same file with the same options: share it. Other options get their own connections.
+        let same = |c: &Config| {
+            c.synchronous == config.synchronous && c.busy_timeout == config.busy_timeout && c.wal_limit_bytes == config.wal_limit_bytes
+        };
+        if let Some(db) = reg.iter().find(|(_, p, c, _)| *p == path && same(c)).and_then(|(_, _, _, w)| w.upgrade()) {
             return Ok(db);
         }
         let db = Db::open(path.clone(), config)?;
-        reg.push((pid, path, config.synchronous, Arc::downgrade(&db)));
+        reg.push((pid, path, config.clone(), Arc::downgrade(&db)));
         Ok(db)
     }
 

@@ -170,11 +170,19 @@ END;
 }
 
 fn read_header(conn: &Connection, path: &str) -> Result<(i64, i64, i64)> {
-    let not_ours = |e: rusqlite::Error| Error::NotADatabase { path: path.to_string(), message: e.to_string() };
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(not_ours)?;
-    let app: i64 = conn.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(not_ours)?;
-    let objects: i64 = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0)).map_err(not_ours)?;
-    Ok((version, app, objects))
+    // One statement, one snapshot: another process may commit a migration between two reads.
+    conn.query_row(
+        "SELECT (SELECT user_version FROM pragma_user_version),
+                (SELECT application_id FROM pragma_application_id),
+                (SELECT count(*) FROM sqlite_schema)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .map_err(|e| match Error::from(e) {
+        // Only SQLite's own verdict means "not a database"; locks and I/O errors stay what they are.
+        Error::NotADatabase { message, .. } => Error::NotADatabase { path: path.to_string(), message },
+        other => other,
+    })
 }
 
 /// Reads the header without writing: refuses files that are not ours or are newer than we know.
