@@ -469,8 +469,12 @@ fn lost_runs_are_recovered_counted_apart_and_stale_outcomes_refused() {
         let victim = Dispatcher::start(s, cfg).unwrap();
         let vw = victim.worker();
         let c = claim(&vw);
-        // Its heartbeat goes stale (as if it hung): age it past its lease.
+        // Its heartbeat goes stale (as if it hung): age it past its lease, once its ticker has
+        // done its first heartbeat (which would otherwise undo the ageing).
         let conn = rusqlite::Connection::open(db.path()).unwrap();
+        wait_until("the victim's first heartbeat", Duration::from_secs(5), || {
+            conn.query_row("SELECT heartbeat_at > started_at FROM dispatchers WHERE id = ?1", [victim.id()], |r| r.get(0)).unwrap()
+        });
         conn.execute("UPDATE dispatchers SET beat_mono = beat_mono - 120000000 WHERE id = ?1", [victim.id()]).unwrap();
         let rescuer = fast_dispatcher(s, Runtime::Python, Duration::from_millis(500));
         let rw = rescuer.worker();
