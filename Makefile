@@ -1,10 +1,12 @@
 # One target per step; CI (.ci/run) calls these same targets.
 CARGO ?= cargo
+RUBY ?= ruby
+GEM ?= gem
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip --disable-pip-version-check --root-user-action=ignore
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all setup test test-core demo bench lint clean setup-python install-python test-python bench-python
+.PHONY: all setup test test-core demo bench lint clean setup-python install-python test-python bench-python setup-ruby install-ruby test-ruby
 
 all: test
 
@@ -12,7 +14,7 @@ all: test
 setup:
 	@command -v cc >/dev/null || (apt-get update && apt-get install -y build-essential)
 
-test: setup test-core test-python
+test: setup test-core test-python test-ruby
 
 test-core:
 	$(CARGO) test -p queue_dispatcher_core --release
@@ -29,12 +31,34 @@ test-python: install-python
 	$(PYTHON) -m mypy.stubtest queue_dispatcher._native
 	$(PYTHON) -m pytest tests/python
 
+# Ruby gem: Debian's Ruby 3.1 and test libraries (the public gem registry is not reachable).
+setup-ruby:
+	@if command -v ruby >/dev/null && command -v sqlite3 >/dev/null \
+	  && [ -f "$$(ruby -e 'print RbConfig::CONFIG["rubyhdrdir"]')/ruby.h" ] \
+	  && ruby -e 'require "minitest"' 2>/dev/null && ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then :; \
+	else apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y ruby ruby-dev libclang-dev ruby-minitest sqlite3; fi
+
+# `gem build` + `gem install --local` exactly as a user does (cargo builds the extension, ~2 min),
+# into target/ruby-gems so the system's gems stay untouched.
+RUBY_GEM_HOME = $(CURDIR)/target/ruby-gems
+RUBY_ENV = GEM_HOME=$(RUBY_GEM_HOME) GEM_PATH=$(RUBY_GEM_HOME):$$($(RUBY) -e 'print Gem.default_path.join(":")') PATH=$(RUBY_GEM_HOME)/bin:$$PATH
+install-ruby: setup setup-ruby
+	mkdir -p target
+	$(GEM) build queue_dispatcher.gemspec -o target/queue_dispatcher.gem
+	$(GEM) install target/queue_dispatcher.gem --local --no-document --install-dir $(RUBY_GEM_HOME) --bindir $(RUBY_GEM_HOME)/bin
+
+# Every Ruby suite, then the binding's unit tests once more under GC.stress.
+test-ruby: install-ruby
+	$(RUBY_ENV) $(RUBY) -w -e 'ARGV.each { |f| require File.expand_path(f) }' bindings-ruby/test/*_test.rb tests/ruby/*_test.rb
+	$(RUBY_ENV) QD_GC_STRESS=1 $(RUBY) -w -e 'ARGV.each { |f| require File.expand_path(f) }' bindings-ruby/test/native_test.rb bindings-ruby/test/enqueue_test.rb
+
 demo: setup
 	$(CARGO) run -q --release -p queue_dispatcher_core --example demo
 
 # BENCH_SHORT=1 runs a quick pass (CI), figures printed as JSON lines, never asserted.
-bench: setup install-python
+bench: setup install-python install-ruby
 	$(CARGO) bench -p queue_dispatcher_core --bench engine
+	$(RUBY_ENV) $(RUBY) bindings-ruby/bench/bench.rb
 	$(PYTHON) bindings-python/bench/bench.py
 
 bench-python: install-python
