@@ -3,7 +3,7 @@ CARGO ?= cargo
 RUBY ?= ruby
 GEM ?= gem
 PYTHON ?= python3
-PIP = $(PYTHON) -m pip --disable-pip-version-check --root-user-action=ignore
+PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip --disable-pip-version-check
 export CARGO_TERM_COLOR ?= never
 
 .PHONY: all setup test test-core demo bench lint clean setup-python install-python test-python bench-python setup-ruby install-ruby test-ruby
@@ -29,6 +29,7 @@ install-python: setup setup-python
 
 test-python: install-python
 	$(PYTHON) -m mypy.stubtest queue_dispatcher._native
+	$(PYTHON) -m mypy --strict -p queue_dispatcher
 	$(PYTHON) -m pytest tests/python
 
 # Ruby gem: Debian's Ruby 3.1 and test libraries (the public gem registry is not reachable).

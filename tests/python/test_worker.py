@@ -232,3 +232,57 @@ def test_stop_hands_back_unfinished_work(db, tmp_path):
     (tmp_path / "release").touch()
     with qd.Worker(1):
         assert t.wait(10) == "released"
+
+
+def test_adding_a_dependency_to_a_started_task_raises(worker, tmp_path):
+    started = tmp_path / "started"
+    release = tmp_path / "release"
+    running = qd_jobs.hold.enqueue(str(release), str(started))
+    wait_until("the task to start", started.exists)
+    other = qd_jobs.noop.enqueue_with(delay=3600)()
+    with pytest.raises(qd.InvalidStateError) as e:
+        running.dependent_tasks = other
+    assert e.value.task_id == running.id and e.value.state == "running"
+    release.touch()
+    running.wait(10)
+    with pytest.raises(qd.InvalidStateError):
+        running.dependent_tasks = [other]
+
+
+def test_waiting_releases_the_gil(db):
+    t = qd_jobs.noop.enqueue_with(delay=3600)()
+    counter = [0]
+    stop = threading.Event()
+
+    def count():
+        while not stop.is_set():
+            counter[0] += 1
+
+    th = threading.Thread(target=count)
+    th.start()
+    try:
+        time.sleep(0.05)
+        before = counter[0]
+        with pytest.raises(qd.WaitTimeout):
+            t.wait(timeout=0.5)
+        assert counter[0] - before > 10_000, "another Python thread ran while this one waited"
+    finally:
+        stop.set()
+        th.join()
+
+
+def test_worker_threads_release_the_gil_between_tasks(db):
+    with qd.Worker(4) as w:
+        counter = 0
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            counter += 1
+        assert counter > 100_000, "idle worker threads do not hold the GIL"
+        assert w.pool is not None and w.pool.busy == 0 and w.pool.alive == 4
+
+
+def test_cli_defaults_to_ten_workers():
+    from queue_dispatcher import cli
+
+    args = cli._parser().parse_args(["worker", "--import", "x"])
+    assert args.workers == 10 and args.processes == 1 and args.grace == 25.0

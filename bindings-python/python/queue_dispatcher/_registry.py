@@ -62,7 +62,7 @@ def _target_name(obj: Any, name: Optional[str], what: str) -> str:
     return f"{module}:{qualname}"
 
 
-def _register(target: str, func: Callable[..., Any], on_success: Optional[Callback], on_error: Optional[Callback], origin: Any) -> None:
+def _register(target: str, func: Callable[..., Any], on_success: Optional[Callback], on_error: Optional[Callback]) -> None:
     entry = Registered(target, func, on_success, on_error)
     existing = REGISTRY.get(target)
     if existing is not None:
@@ -71,7 +71,6 @@ def _register(target: str, func: Callable[..., Any], on_success: Optional[Callba
         if old != new:
             raise InvalidInputError(f"task name {target!r} is already registered (to {existing.func!r}); choose another name=")
     REGISTRY[target] = entry
-    _ = origin
 
 
 class TaskFunction(Generic[R]):
@@ -133,7 +132,7 @@ def task(func: Optional[Callable[..., R]] = None, /, *, name: Optional[str] = No
 
     def decorate(f: Callable[..., R]) -> TaskFunction[R]:
         target = _target_name(f, name, "task")
-        _register(target, f, on_success, on_error, f)
+        _register(target, f, on_success, on_error)
         return TaskFunction(f, target, options, on_success, on_error)
 
     if func is not None:
@@ -238,11 +237,11 @@ def job(cls: Optional[C] = None, /, *, name: Optional[str] = None, on_success: O
             else:
                 continue
             target = f"{base}.{attr}"
-            _register(target, func, success, error, c)
+            _register(target, func, success, error)
             methods[attr] = target
         info = _JobInfo(c, methods, options)
 
-        def enqueue(klass: type, *, store: Optional[Store] = None, **opts: Any) -> JobProxy:
+        def enqueue(klass: type, /, *, store: Optional[Store] = None, **opts: Any) -> JobProxy:
             _check_options(opts)
             return JobProxy(info, opts, store)
 
