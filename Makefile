@@ -48,8 +48,10 @@ install-ruby: setup setup-ruby
 	$(GEM) build queue_dispatcher.gemspec -o target/queue_dispatcher.gem
 	$(GEM) install target/queue_dispatcher.gem --local --no-document --install-dir $(RUBY_GEM_HOME) --bindir $(RUBY_GEM_HOME)/bin
 
-# Every Ruby suite, then the binding's unit tests once more under GC.stress.
+# The crate's own test (embedded Ruby), every Ruby suite, then the binding's unit tests once more
+# under GC.stress.
 test-ruby: install-ruby
+	$(CARGO) test -p queue_dispatcher_ruby --release
 	$(RUBY_ENV) $(RUBY) -w -e 'ARGV.each { |f| require File.expand_path(f) }' bindings-ruby/test/*_test.rb tests/ruby/*_test.rb
 	$(RUBY_ENV) QD_GC_STRESS=1 $(RUBY) -w -e 'ARGV.each { |f| require File.expand_path(f) }' bindings-ruby/test/native_test.rb bindings-ruby/test/enqueue_test.rb
 

@@ -6,7 +6,9 @@
 
 use std::fmt::Write as _;
 
-use magnus::{prelude::*, rb_sys::AsRawValue, r_hash::ForEach, Error, Float, Integer, RArray, RHash, RString, Symbol, Value};
+use magnus::{
+    prelude::*, r_hash::ForEach, rb_sys::AsRawValue, Error, Float, Integer, RArray, RHash, RString, Symbol, Value,
+};
 
 use crate::errors::invalid;
 
@@ -59,10 +61,13 @@ pub fn write(out: &mut String, v: Value, path: &mut String, depth: usize) -> Res
     if v.is_nil() {
         out.push_str("null");
     } else if let Some(s) = RString::from_value(v) {
-        let text = s.to_string().map_err(|_| invalid(path.as_str(), format!("{} is not valid UTF-8 text", describe(v))))?;
+        let text =
+            s.to_string().map_err(|_| invalid(path.as_str(), format!("{} is not valid UTF-8 text", describe(v))))?;
         push_str(out, &text);
     } else if let Some(i) = Integer::from_value(v) {
-        let n = i.to_i64().map_err(|_| invalid(path.as_str(), format!("{} is outside the 64-bit integer range", describe(v))))?;
+        let n = i
+            .to_i64()
+            .map_err(|_| invalid(path.as_str(), format!("{} is outside the 64-bit integer range", describe(v))))?;
         let _ = write!(out, "{n}");
     } else if let Some(s) = Symbol::from_value(v) {
         push_str(out, &s.name()?);
@@ -72,7 +77,9 @@ pub fn write(out: &mut String, v: Value, path: &mut String, depth: usize) -> Res
             Some(n) => {
                 let _ = write!(out, "{n}");
             }
-            None => return Err(invalid(path.as_str(), format!("{x} is not a JSON number (NaN and Infinity are refused)"))),
+            None => {
+                return Err(invalid(path.as_str(), format!("{x} is not a JSON number (NaN and Infinity are refused)")))
+            }
         }
     } else if let Some(a) = RArray::from_value(v) {
         out.push('[');

@@ -84,3 +84,57 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     c.define_method("to_h", method!(worker::RbClaimed::to_h, 0))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use magnus::{prelude::*, Error, Value};
+    use queue_dispatcher_core::{Error as CoreError, State};
+
+    use crate::{errors, json};
+
+    /// One test: Ruby can be initialised once per process, on this thread only.
+    #[test]
+    fn conversion_and_error_mapping_in_embedded_ruby() {
+        // SAFETY: the only Ruby VM of this test process, started on this thread.
+        let ruby = unsafe { magnus::embed::init() };
+        crate::init(&ruby).expect("init");
+
+        let v: Value = ruby.eval(r#"[1, "x", :s, nil, true, 2.5, {a: [false], "b" => {}}]"#).unwrap();
+        assert_eq!(json::dump_json(v, "args".into()).unwrap(), r#"[1,"x","s",null,true,2.5,{"a":[false],"b":{}}]"#);
+        for (code, needle) in [
+            ("[Time.at(0)]", "args[0]"),
+            ("[{k: Object.new}]", "args[0][:k]"),
+            ("[0.0/0]", "NaN"),
+            ("[2**64]", "64-bit"),
+            ("[{1 => 2}]", "String or Symbol"),
+        ] {
+            let v: Value = ruby.eval(code).unwrap();
+            let err = json::dump_json(v, "args".into()).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(needle), "{code}: {msg}");
+        }
+
+        let base: magnus::RClass = ruby.eval("QueueDispatcher::Error").unwrap();
+        let variants = [
+            CoreError::InvalidInput { field: "f".into(), message: "m".into() },
+            CoreError::NotFound(1),
+            CoreError::MissingDependency { task: None, dependency: 2 },
+            CoreError::DependencyCycle { task: 1, dependency: 2 },
+            CoreError::InvalidState { task: 1, state: State::Running, action: "x" },
+            CoreError::StaleToken { task: 1 },
+            CoreError::NotADatabase { path: "p".into(), message: "m".into() },
+            CoreError::SchemaTooNew { found: 9, supported: 1 },
+            CoreError::Busy { message: "m".into() },
+            CoreError::Stopped,
+            CoreError::Storage { message: "m".into() },
+        ];
+        let mut classes = std::collections::HashSet::new();
+        for e in variants {
+            let err: Error = errors::to_ruby(e);
+            let exc = err.value().expect("an exception object");
+            assert!(exc.is_kind_of(base), "{exc:?}");
+            classes.insert(unsafe { exc.classname() }.into_owned());
+        }
+        assert_eq!(classes.len(), 11, "one class per variant: {classes:?}");
+    }
+}

@@ -57,7 +57,10 @@ where
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "panic".into());
-                return Err(Error::new(ruby.exception_runtime_error(), format!("queue_dispatcher native code panicked: {msg}")));
+                return Err(Error::new(
+                    ruby.exception_runtime_error(),
+                    format!("queue_dispatcher native code panicked: {msg}"),
+                ));
             }
             // `_2` returns without running `f` while an interrupt is pending: handle it, retry.
             None => check_interrupts()?,

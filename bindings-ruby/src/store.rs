@@ -57,10 +57,13 @@ pub fn task_hash(ruby: &Ruby, t: &Task) -> Result<RHash, Error> {
     set("unique_key", t.unique_key.as_deref().into_value_with(ruby))?;
     set("meta", t.meta.as_deref().into_value_with(ruby))?;
     set("result", t.result.as_deref().into_value_with(ruby))?;
-    set("error", match &t.error {
-        Some(e) => error_hash(ruby, e)?.as_value(),
-        None => ruby.qnil().as_value(),
-    })?;
+    set(
+        "error",
+        match &t.error {
+            Some(e) => error_hash(ruby, e)?.as_value(),
+            None => ruby.qnil().as_value(),
+        },
+    )?;
     let history = ruby.ary_new_capa(t.error_history.len());
     for e in &t.error_history {
         history.push(error_hash(ruby, e)?)?;
@@ -81,7 +84,14 @@ fn counts_hash(ruby: &Ruby, c: &QueueCounts) -> Result<RHash, Error> {
     let h = ruby.hash_new();
     h.aset(sym(ruby, "queue"), c.queue.as_deref())?;
     h.aset(sym(ruby, "paused"), c.paused)?;
-    for (k, v) in [("new", c.new), ("waiting", c.waiting), ("running", c.running), ("successful", c.successful), ("error", c.error), ("aborted", c.aborted)] {
+    for (k, v) in [
+        ("new", c.new),
+        ("waiting", c.waiting),
+        ("running", c.running),
+        ("successful", c.successful),
+        ("error", c.error),
+        ("aborted", c.aborted),
+    ] {
         h.aset(sym(ruby, k), v)?;
     }
     Ok(h)
@@ -129,13 +139,15 @@ fn apply_options(t: &mut NewTask, opts: RHash) -> Result<(), Error> {
                 "run_at" => t.run_at = opt_i64("run_at", v)?,
                 "retries" => {
                     let n = opt_i64("retries", v)?.unwrap_or(0);
-                    t.retries = u32::try_from(n).map_err(|_| invalid("retries", format!("{n} is not between 0 and {}", u32::MAX)))?;
+                    t.retries = u32::try_from(n)
+                        .map_err(|_| invalid("retries", format!("{n} is not between 0 and {}", u32::MAX)))?;
                 }
                 "timeout" => {
                     t.timeout = if v.is_nil() {
                         None
                     } else {
-                        let secs = f64::try_convert(v).map_err(|_| invalid("timeout", "must be a number of seconds"))?;
+                        let secs =
+                            f64::try_convert(v).map_err(|_| invalid("timeout", "must be a number of seconds"))?;
                         if !(secs.is_finite() && secs > 0.0) {
                             return Err(invalid("timeout", format!("{secs} is not a positive number of seconds")));
                         }
@@ -154,9 +166,13 @@ fn apply_options(t: &mut NewTask, opts: RHash) -> Result<(), Error> {
                 }
                 "depends_on" => {
                     if !v.is_nil() {
-                        let ids = RArray::try_convert(v).map_err(|_| invalid("depends_on", "must be an Array of task ids"))?;
+                        let ids = RArray::try_convert(v)
+                            .map_err(|_| invalid("depends_on", "must be an Array of task ids"))?;
                         for id in ids {
-                            t.depends_on.push(i64::try_convert(id).map_err(|_| invalid("depends_on", "must be an Array of task ids"))?);
+                            t.depends_on.push(
+                                i64::try_convert(id)
+                                    .map_err(|_| invalid("depends_on", "must be an Array of task ids"))?,
+                            );
                         }
                     }
                 }
@@ -179,7 +195,8 @@ fn state_list(states: RArray) -> Result<Vec<State>, Error> {
     states
         .into_iter()
         .map(|s| {
-            let text = String::try_convert(s).or_else(|_| Symbol::try_convert(s).and_then(|s| s.name().map(|n| n.into_owned())))?;
+            let text = String::try_convert(s)
+                .or_else(|_| Symbol::try_convert(s).and_then(|s| s.name().map(|n| n.into_owned())))?;
             text.parse::<State>().rb()
         })
         .collect()
@@ -198,7 +215,14 @@ impl RbStore {
     }
 
     /// One task, durable when this returns. `opts` carries normalized options (or nil).
-    pub fn enqueue(&self, target: String, receiver: Option<String>, args: RArray, kwargs: Option<RHash>, opts: Option<RHash>) -> Result<TaskId, Error> {
+    pub fn enqueue(
+        &self,
+        target: String,
+        receiver: Option<String>,
+        args: RArray,
+        kwargs: Option<RHash>,
+        opts: Option<RHash>,
+    ) -> Result<TaskId, Error> {
         let mut t = NewTask::new(Runtime::Ruby, target);
         t.receiver = receiver;
         t.args = json::dump_args(args, kwargs)?;
@@ -302,7 +326,9 @@ impl RbStore {
                 let r = (|| -> Result<(), Error> {
                     match &*k.name()? {
                         "states" => f.states = state_list(RArray::try_convert(v)?)?,
-                        "queue" if v.as_raw() == rb_sys::special_consts::Qfalse as rb_sys::VALUE => f.queue = Some(None),
+                        "queue" if v.as_raw() == rb_sys::special_consts::Qfalse as rb_sys::VALUE => {
+                            f.queue = Some(None)
+                        }
                         "queue" => f.queue = opt_string("queue", v)?.map(Some),
                         "runtime" => f.runtime = opt_string("runtime", v)?.map(|r| r.parse()).transpose().rb()?,
                         "meta" => {

@@ -70,13 +70,21 @@ impl RbDispatcher {
         opts.foreach(|k: Symbol, v: Value| {
             let r = (|| -> Result<(), Error> {
                 match &*k.name()? {
-                    "workers" => cfg.workers = usize::try_convert(v).map_err(|_| invalid("workers", "must be a positive Integer"))?,
-                    "queues" => named = Option::<Vec<String>>::try_convert(v).map_err(|_| invalid("queues", "must be an Array of queue names"))?,
+                    "workers" => {
+                        cfg.workers =
+                            usize::try_convert(v).map_err(|_| invalid("workers", "must be a positive Integer"))?
+                    }
+                    "queues" => {
+                        named = Option::<Vec<String>>::try_convert(v)
+                            .map_err(|_| invalid("queues", "must be an Array of queue names"))?
+                    }
                     "parallel" => parallel = v.to_bool(),
                     "name" => cfg.name = Option::<String>::try_convert(v)?,
                     "heartbeat" => cfg.heartbeat = secs("heartbeat", v)?,
                     "lease" => cfg.lease = secs("lease", v)?,
-                    "max_lost" => cfg.max_lost = u32::try_convert(v).map_err(|_| invalid("max_lost", "must be an Integer"))?,
+                    "max_lost" => {
+                        cfg.max_lost = u32::try_convert(v).map_err(|_| invalid("max_lost", "must be an Integer"))?
+                    }
                     "retry_base" => cfg.retry_base = secs("retry_base", v)?,
                     "retry_cap" => cfg.retry_cap = secs("retry_cap", v)?,
                     "keep_successful" => cfg.keep_successful = secs("keep_successful", v)?,
@@ -148,7 +156,13 @@ impl RbWorker {
 
     /// Stores the outcome (`result_json`, or `[class, message, backtrace]` as `error`) and
     /// returns where the task stands: :successful, :error, :retrying, :aborted.
-    pub fn complete(ruby: &Ruby, rb_self: &Self, c: &RbClaimed, result: Option<String>, error: Option<RArray>) -> Result<Symbol, Error> {
+    pub fn complete(
+        ruby: &Ruby,
+        rb_self: &Self,
+        c: &RbClaimed,
+        result: Option<String>,
+        error: Option<RArray>,
+    ) -> Result<Symbol, Error> {
         let outcome = outcome(result, error)?;
         let w = &rb_self.0;
         let claimed = &c.0;
@@ -159,7 +173,14 @@ impl RbWorker {
     /// `complete`, then claim in the same engine cycle. Returns `[settled, next]` where settled
     /// is a Symbol or the exception the store refused the outcome with (not raised, so the next
     /// claim is never lost), and next is a Claimed, nil, or :stopped.
-    pub fn complete_and_claim(ruby: &Ruby, rb_self: &Self, c: &RbClaimed, result: Option<String>, error: Option<RArray>, t: Option<f64>) -> Result<RArray, Error> {
+    pub fn complete_and_claim(
+        ruby: &Ruby,
+        rb_self: &Self,
+        c: &RbClaimed,
+        result: Option<String>,
+        error: Option<RArray>,
+        t: Option<f64>,
+    ) -> Result<RArray, Error> {
         let outcome = outcome(result, error)?;
         let w = &rb_self.0;
         let waker = w.waker();
