@@ -33,5 +33,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(process::parse_age, m)?)?;
     m.add_function(wrap_pyfunction!(process::set_process_title, m)?)?;
     m.add_function(wrap_pyfunction!(store::_core_enqueue_rate, m)?)?;
+    m.add_function(wrap_pyfunction!(store::_core_drain_rate, m)?)?;
     Ok(())
 }

@@ -642,3 +642,54 @@ pub fn _core_enqueue_rate(py: Python<'_>, db: &str, n: usize, args: &str) -> PyR
     })
     .map_err(to_py)
 }
+
+/// Benchmark support: the engine's own drain rate (tasks/s) of `n` ready no-op tasks on a fresh
+/// `db` by `workers` Rust threads using `complete_and_claim`, with no Python in the loop; the
+/// yardstick `py_drain_2w` is compared with.
+#[pyfunction]
+pub fn _core_drain_rate(py: Python<'_>, db: &str, n: usize, workers: usize) -> PyResult<f64> {
+    use queue_dispatcher_core::{Dispatcher, DispatcherConfig, Outcome};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let store = py.detach(|| Store::open(&Config::new(db))).map_err(to_py)?;
+    py.detach(|| {
+        let task = NewTask::new(Runtime::Python, "bench.jobs:noop");
+        for chunk in vec![task; n].chunks(5000) {
+            store.enqueue_many(chunk)?;
+        }
+        let mut cfg = DispatcherConfig::new(Runtime::Python);
+        cfg.workers = workers;
+        let d = Dispatcher::start(&store, cfg)?;
+        let left = AtomicUsize::new(n);
+        let take = || {
+            left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| l.checked_sub(1))
+                .is_ok()
+        };
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                let w = d.worker();
+                let take = &take;
+                s.spawn(move || -> queue_dispatcher_core::Result<()> {
+                    let wait = Some(Duration::from_secs(10));
+                    let mut cur = if take() { w.claim(wait)? } else { None };
+                    while let Some(c) = cur {
+                        let ok = Outcome::Success("null".into());
+                        cur = if take() {
+                            let (done, next) = w.complete_and_claim(&c, ok, wait);
+                            done?;
+                            next?
+                        } else {
+                            w.complete(&c, ok)?;
+                            None
+                        };
+                    }
+                    Ok(())
+                });
+            }
+        });
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        d.shutdown(Duration::from_secs(1))?;
+        Ok(rate)
+    })
+    .map_err(to_py)
+}

@@ -165,3 +165,17 @@ class LongRunningMailJob:
 
     def _private_helper(self):
         return "never a task"
+
+
+@qd.task
+async def async_add(a, b):
+    import asyncio
+
+    await asyncio.sleep(0.01)
+    return a + b
+
+
+@qd.job
+class AsyncJob:
+    async def compute(self, x):
+        return x * 3

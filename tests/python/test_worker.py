@@ -286,3 +286,8 @@ def test_cli_defaults_to_ten_workers():
 
     args = cli._parser().parse_args(["worker", "--import", "x"])
     assert args.workers == 10 and args.processes == 1 and args.grace == 25.0
+
+
+def test_async_tasks_run_to_completion(worker):
+    assert qd_jobs.async_add.enqueue(2, 40).wait(10) == 42
+    assert qd_jobs.AsyncJob.enqueue().compute(5).wait(10) == 15

@@ -5,6 +5,7 @@ import, no getattr along a path from the row, no name starting with ``_``)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import functools
 import inspect
@@ -62,8 +63,21 @@ def _target_name(obj: Any, name: Optional[str], what: str) -> str:
     return f"{module}:{qualname}"
 
 
+def _runnable(func: Callable[..., Any]) -> Callable[..., Any]:
+    """What a worker thread calls: the function itself, or for ``async def`` a function that runs
+    the coroutine to completion on its own event loop."""
+    if not inspect.iscoroutinefunction(func):
+        return func
+
+    @functools.wraps(func)
+    def run_coroutine(*args: Any, **kwargs: Any) -> Any:
+        return asyncio.run(func(*args, **kwargs))
+
+    return run_coroutine
+
+
 def _register(target: str, func: Callable[..., Any], on_success: Optional[Callback], on_error: Optional[Callback]) -> None:
-    entry = Registered(target, func, on_success, on_error)
+    entry = Registered(target, _runnable(func), on_success, on_error)
     existing = REGISTRY.get(target)
     if existing is not None:
         old = getattr(existing.func, "__qualname__", None), getattr(existing.func, "__module__", None)
@@ -151,7 +165,10 @@ class _OnFreshInstance:
         self.__module__ = cls.__module__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.cls(), self.attr)(*args, **kwargs)
+        result = getattr(self.cls(), self.attr)(*args, **kwargs)
+        if inspect.iscoroutine(result):
+            return asyncio.run(result)
+        return result
 
     def __repr__(self) -> str:
         return f"<{self.__qualname__} on a fresh instance>"
