@@ -7,6 +7,7 @@
 //! looked up along a path taken from the row.
 
 use std::cell::RefCell;
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -580,10 +581,12 @@ fn worker_loop(shared: &Arc<Shared>, worker: &Arc<Worker>) {
     }
 }
 
-/// A dispatcher and its native worker threads.
+/// A dispatcher and its native worker threads. In a forked child the pool is inert: its threads
+/// do not exist there, so nothing is stopped, joined or dropped (that would wait forever).
 #[pyclass(module = "queue_dispatcher._native", name = "WorkerPool", frozen)]
 pub struct WorkerPool {
-    dispatcher: Dispatcher,
+    pid: u32,
+    dispatcher: ManuallyDrop<Dispatcher>,
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     workers: usize,
@@ -676,7 +679,8 @@ impl WorkerPool {
             }
         }
         Ok(WorkerPool {
-            dispatcher,
+            pid: std::process::id(),
+            dispatcher: ManuallyDrop::new(dispatcher),
             shared,
             threads: Mutex::new(threads),
             workers,
@@ -720,6 +724,9 @@ impl WorkerPool {
 
     /// Graceful stop, first half: claim nothing more; threads leave once their task is stored.
     fn stop_claiming(&self) {
+        if self.inherited() {
+            return;
+        }
         self.shared.stopping.store(true, Ordering::Release);
         self.dispatcher.stop_claiming();
     }
@@ -728,6 +735,9 @@ impl WorkerPool {
     /// True if they all have. The GIL is released, in short slices so signal handlers run.
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        if self.inherited() {
+            return Ok(false);
+        }
         let deadline = timeout
             .map(|t| seconds("timeout", t))
             .transpose()?
@@ -766,10 +776,29 @@ impl WorkerPool {
     /// worker thread has exited (otherwise some task code is still running in this process).
     #[pyo3(signature = (grace=0.0))]
     fn shutdown(&self, py: Python<'_>, grace: f64) -> PyResult<bool> {
+        if self.inherited() {
+            return Ok(false);
+        }
         self.stop_claiming();
         let all_exited = self.wait(py, Some(grace))?;
         py.detach(|| self.dispatcher.shutdown(Duration::ZERO))
             .map_err(to_py)?;
         Ok(all_exited)
+    }
+}
+
+impl WorkerPool {
+    /// True in a forked child of the process that started the pool.
+    fn inherited(&self) -> bool {
+        self.pid != std::process::id()
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        if !self.inherited() {
+            // SAFETY: dropped exactly once, here; never touched again.
+            unsafe { ManuallyDrop::drop(&mut self.dispatcher) };
+        }
     }
 }

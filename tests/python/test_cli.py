@@ -322,3 +322,31 @@ def test_bad_arguments_are_reported(db):
     assert r.returncode == 2 and "must be at least 1" in r.stderr
     r = run_cli("worker", "--import", "no_such_module_xyz", db=db, timeout=60)
     assert r.returncode == 2 and "cannot import" in r.stderr
+
+
+def test_fork_of_a_process_running_an_in_process_worker(db, tmp_path):
+    """gunicorn-style: a process with a running in-process Worker forks; the child enqueues, the
+    parent's worker threads run it, and the child exits normally without waiting for threads it
+    does not have."""
+    script = tmp_path / "forker.py"
+    script.write_text(
+        "import os, sys, warnings\n"
+        "import qd_jobs, queue_dispatcher as qd\n"
+        "qd.configure(sys.argv[1])\n"
+        "w = qd.Worker(2).start()\n"
+        "assert qd_jobs.add.enqueue(1, 1).wait(30) == 2\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('ignore', DeprecationWarning)\n"
+        "    pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    assert qd_jobs.add.enqueue(2, 3).wait(30) == 5\n"
+        "    sys.exit(0)  # normal exit: atexit and GC run in the child\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "assert os.waitstatus_to_exitcode(status) == 0, status\n"
+        "assert w.stop(grace=10)\n"
+        "print('parent ok')\n"
+    )
+    r = subprocess.run([sys.executable, str(script), db], env=child_env(), capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "parent ok" in r.stdout
+    assert sql(db, "PRAGMA integrity_check") == [("ok",)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -126,6 +127,14 @@ class Worker:
     def __repr__(self) -> str:
         state = "stopped" if self.pool is None else f"dispatcher {self.pool.id}, {self.pool.busy}/{self.workers} busy"
         return f"<Worker {state}>"
+
+
+def _forget_after_fork() -> None:
+    # The worker threads stay in the parent; the child must not wait for them.
+    _running.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 @atexit.register
