@@ -252,6 +252,8 @@ def _run_worker(args: argparse.Namespace) -> int:
     worker.start()
     pool = worker.pool
     assert pool is not None
+    if signals:
+        worker.stop_claiming()  # the signal came while starting
     _Ready.send(f"ok {os.getpid()}")
     deadline: Optional[float] = None
     last_title = 0.0
