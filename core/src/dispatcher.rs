@@ -511,7 +511,14 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
         Request::Stop => *stop = true,
     };
 
+    // Held while workers wait for tasks, so other processes' commits wake this thread.
+    let mut interest = None;
     loop {
+        match (parked.is_empty(), interest.is_some()) {
+            (false, false) => interest = Some(inner.hub.interest()),
+            (true, true) => interest = None,
+            _ => {}
+        }
         let now = Instant::now();
         let next_progress = progress.values().filter(|p| p.dirty).map(|p| p.last_write.map_or(now, |t| t + PROGRESS_INTERVAL)).min();
         let wake_at = [next_due, next_progress, retry_at].into_iter().flatten().min();

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::task::{CancelReason, TaskId};
 
@@ -40,6 +40,19 @@ impl CancelFlag {
 pub struct Hub {
     subscribers: Mutex<Vec<Sender<()>>>,
     running: Mutex<HashMap<TaskId, Arc<CancelFlag>>>,
+    /// How many waiters currently need to hear about other processes' commits. The watcher only
+    /// watches the database while this is non-zero: watching costs every commit a notification.
+    interest: Mutex<usize>,
+    interest_cv: Condvar,
+}
+
+/// Held by a waiter that needs other processes' commits to wake it; see [`Hub::interest`].
+pub struct Interest(Arc<Hub>);
+
+impl Drop for Interest {
+    fn drop(&mut self) {
+        *self.0.interest.lock() -= 1;
+    }
 }
 
 impl Hub {
@@ -48,6 +61,29 @@ impl Hub {
         let (tx, rx) = bounded(1);
         self.subscribers.lock().push(tx);
         rx
+    }
+
+    /// Registers a waiter that needs cross-process wake-ups until the guard is dropped.
+    pub fn interest(self: &Arc<Self>) -> Interest {
+        let mut n = self.interest.lock();
+        *n += 1;
+        if *n == 1 {
+            self.interest_cv.notify_all();
+        }
+        Interest(self.clone())
+    }
+
+    /// Blocks until some waiter is interested or `timeout` passes; returns whether one is.
+    pub fn wait_for_interest(&self, timeout: std::time::Duration) -> bool {
+        let mut n = self.interest.lock();
+        if *n == 0 {
+            self.interest_cv.wait_for(&mut n, timeout);
+        }
+        *n > 0
+    }
+
+    pub fn interested(&self) -> bool {
+        *self.interest.lock() > 0
     }
 
     pub fn notify(&self) {

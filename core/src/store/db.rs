@@ -56,7 +56,9 @@ pub(super) struct Db {
     readers: ManuallyDrop<Mutex<Vec<Connection>>>,
     pub hub: Arc<Hub>,
     stop: Arc<AtomicBool>,
-    wake_maintenance: Sender<()>,
+    /// Set by every local commit; the maintenance thread checkpoints when it finds it set.
+    dirty: Arc<AtomicBool>,
+    stop_maintenance: Sender<()>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop_pipe: [libc::c_int; 2],
 }
@@ -93,6 +95,9 @@ fn open_connection(path: &Path, config: &Config) -> Result<Connection> {
         std::thread::sleep(Duration::from_micros(micros));
         true
     }))?;
+    // The bundled SQLite has STAT4, which re-prepares a statement whenever a bound value might
+    // change its plan: on every claim and outcome here. A stable plan is what we want anyway.
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     conn.set_prepared_statement_cache_capacity(128);
     Ok(conn)
 }
@@ -164,7 +169,7 @@ impl Db {
         if unsafe { libc::pipe(pipe.as_mut_ptr()) } != 0 {
             return Err(std::io::Error::last_os_error().into());
         }
-        let (wake_tx, wake_rx) = bounded(1);
+        let (stop_tx, stop_rx) = bounded(1);
         let db = Arc::new(Db {
             pid: std::process::id(),
             path: path.clone(),
@@ -173,12 +178,13 @@ impl Db {
             readers: ManuallyDrop::new(Mutex::new(Vec::new())),
             hub: Arc::new(Hub::default()),
             stop: Arc::new(AtomicBool::new(false)),
-            wake_maintenance: wake_tx,
+            dirty: Arc::new(AtomicBool::new(false)),
+            stop_maintenance: stop_tx,
             threads: Mutex::new(Vec::new()),
             stop_pipe: pipe,
         });
         let watcher = spawn_watcher(&db)?;
-        let maintenance = spawn_maintenance(&db, wake_rx)?;
+        let maintenance = spawn_maintenance(&db, stop_rx)?;
         db.threads.lock().extend([watcher, maintenance]);
         Ok(db)
     }
@@ -194,10 +200,11 @@ impl Db {
             ("BEGIN IMMEDIATE", "COMMIT", "ROLLBACK")
         };
         let before = conn.total_changes();
-        conn.execute_batch(begin)?;
+        // Cached statements: parsing BEGIN/COMMIT on every call is measurable on the enqueue path.
+        conn.prepare_cached(begin)?.execute([])?;
         match f(conn) {
-            Ok(r) => match conn.execute_batch(commit) {
-                Ok(()) => {
+            Ok(r) => match conn.prepare_cached(commit).and_then(|mut s| s.execute([])) {
+                Ok(_) => {
                     // Only real changes wake waiters: an empty claim must not wake its own writer.
                     let changed = conn.total_changes() != before;
                     drop(guard);
@@ -221,7 +228,7 @@ impl Db {
     /// After a local commit: wake local waiters and let the maintenance thread look at the WAL.
     pub fn committed(&self) {
         self.hub.notify();
-        let _ = self.wake_maintenance.try_send(());
+        self.dirty.store(true, Ordering::Release);
     }
 
     /// Runs `f` on a read connection (on the write connection while this thread holds a batch,
@@ -303,7 +310,7 @@ impl Drop for Db {
         self.stop.store(true, Ordering::Release);
         // SAFETY: writing one byte to the pipe we own wakes the watcher's poll.
         unsafe { libc::write(self.stop_pipe[1], [1u8].as_ptr().cast(), 1) };
-        let _ = self.wake_maintenance.try_send(());
+        let _ = self.stop_maintenance.try_send(());
         for t in self.threads.lock().drain(..) {
             let _ = t.join();
         }
@@ -317,9 +324,10 @@ impl Drop for Db {
     }
 }
 
-/// Watches the -wal file: every commit of any process writes to it, so an inotify event is a
-/// cheap, immediate "something changed" with no polling. Falls back to a 2 ms poll of
-/// `PRAGMA data_version` where inotify is unavailable.
+/// Watches the -wal file while some waiter needs it: every commit of any process writes to it,
+/// so an inotify event is a cheap, immediate "something changed" with no polling. Nobody waiting
+/// (e.g. a busy dispatcher, an enqueue-only process) means no watch, so commits pay nothing for
+/// it. Falls back to a 2 ms poll of `PRAGMA data_version` where inotify is unavailable.
 fn spawn_watcher(db: &Arc<Db>) -> Result<JoinHandle<()>> {
     let hub = db.hub.clone();
     let stop = db.stop.clone();
@@ -335,6 +343,9 @@ fn spawn_watcher(db: &Arc<Db>) -> Result<JoinHandle<()>> {
         let Ok(conn) = open_connection(&path, &config) else { return };
         let mut last = -1i64;
         while !stop.load(Ordering::Acquire) {
+            if !hub.wait_for_interest(Duration::from_millis(200)) {
+                continue;
+            }
             if let Ok(v) = conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0)) {
                 if v != last {
                     last = v;
@@ -357,32 +368,48 @@ fn watch_inotify(path: &Path, hub: &Hub, stop: &AtomicBool, stop_fd: libc::c_int
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return false };
     let mut wal_name = name.to_os_string();
     wal_name.push("-wal");
-    if inotify.watches().add(dir, WatchMask::MODIFY | WatchMask::CREATE | WatchMask::CLOSE_WRITE).is_err() {
-        return false;
-    }
     let fd = inotify.as_raw_fd();
     let mut buf = [0u8; 4096];
+    // A watch is dropped only after nobody needed it for this long, so waiters that come and go
+    // with every claim do not add and remove it all the time.
+    let linger = Duration::from_millis(200);
     while !stop.load(Ordering::Acquire) {
-        let mut fds = [
-            libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: stop_fd, events: libc::POLLIN, revents: 0 },
-        ];
-        // SAFETY: fds is a valid array of two pollfd structs.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
-        if rc <= 0 || fds[1].revents != 0 {
+        if !hub.wait_for_interest(Duration::from_millis(500)) {
             continue;
         }
-        match inotify.read_events(&mut buf) {
-            Ok(events) => {
-                if events.into_iter().any(|e| e.name.is_some_and(|n| n == wal_name.as_os_str())) {
-                    hub.notify();
-                    // Coalesce bursts: under load every commit writes the WAL.
-                    std::thread::sleep(Duration::from_micros(50));
-                }
+        let Ok(wd) = inotify.watches().add(dir, WatchMask::MODIFY | WatchMask::CREATE) else { return false };
+        // Commits made before the watch existed are not reported: let every waiter look once.
+        hub.notify();
+        let mut last_interest = Instant::now();
+        while !stop.load(Ordering::Acquire) {
+            if hub.interested() {
+                last_interest = Instant::now();
+            } else if last_interest.elapsed() > linger {
+                break;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return false,
+            let mut fds = [
+                libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: stop_fd, events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: fds is a valid array of two pollfd structs.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+            if rc <= 0 || fds[1].revents != 0 {
+                continue;
+            }
+            match inotify.read_events(&mut buf) {
+                Ok(events) => {
+                    if events.into_iter().any(|e| e.name.is_some_and(|n| n == wal_name.as_os_str())) {
+                        hub.notify();
+                        // Coalesce bursts: under load every commit writes the WAL.
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return false,
+            }
         }
+        let _ = inotify.watches().remove(wd);
+        while inotify.read_events(&mut buf).is_ok_and(|events| events.into_iter().next().is_some()) {}
     }
     true
 }
@@ -390,8 +417,9 @@ fn watch_inotify(path: &Path, hub: &Hub, stop: &AtomicBool, stop_fd: libc::c_int
 /// Checkpoints from this thread, never inside a committing caller: PASSIVE after writes, and a
 /// TRUNCATE once the -wal file has outgrown its limit (e.g. after a long-lived reader held
 /// checkpoints back), so the file shrinks again as soon as nothing pins it.
-fn spawn_maintenance(db: &Arc<Db>, wake: Receiver<()>) -> Result<JoinHandle<()>> {
+fn spawn_maintenance(db: &Arc<Db>, stop_rx: Receiver<()>) -> Result<JoinHandle<()>> {
     let stop = db.stop.clone();
+    let dirty = db.dirty.clone();
     let path = db.path.clone();
     let config = db.config.clone();
     let mut wal_path = path.clone().into_os_string();
@@ -402,23 +430,20 @@ fn spawn_maintenance(db: &Arc<Db>, wake: Receiver<()>) -> Result<JoinHandle<()>>
         // Checkpoints must not wait long for locks: the next round retries.
         let _ = conn.busy_timeout(Duration::from_millis(5));
         let limit = config.wal_limit_bytes;
-        let mut dirty = false;
-        while !stop.load(Ordering::Acquire) {
-            match wake.recv_timeout(Duration::from_millis(if dirty { 100 } else { 1000 })) {
-                Ok(()) => {
-                    dirty = true;
-                    // Let a burst of commits accumulate before checkpointing.
-                    std::thread::sleep(Duration::from_millis(20));
-                    while wake.try_recv().is_ok() {}
-                }
+        let mut pending = false;
+        loop {
+            // A checkpoint every 100 ms at most: each one copies the pages written since the
+            // last, so hot pages rewritten by many commits are copied once.
+            match stop_rx.recv_timeout(Duration::from_millis(100)) {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                _ => return,
             }
             if stop.load(Ordering::Acquire) {
                 return;
             }
+            pending |= dirty.swap(false, Ordering::AcqRel);
             let size = std::fs::metadata(&wal_path).map(|m| m.len()).unwrap_or(0);
-            if size <= limit && !dirty {
+            if size <= limit && !pending {
                 continue;
             }
             let mode = if size > limit { "TRUNCATE" } else { "PASSIVE" };
@@ -426,7 +451,7 @@ fn spawn_maintenance(db: &Arc<Db>, wake: Receiver<()>) -> Result<JoinHandle<()>>
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
             });
             // Done when every frame is in the database; otherwise a reader pins the WAL: retry.
-            dirty = !matches!(res, Ok((0, log, done)) if log == done);
+            pending = !matches!(res, Ok((0, log, done)) if log == done);
         }
     })?;
     Ok(handle)

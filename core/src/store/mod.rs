@@ -305,7 +305,9 @@ impl Store {
     /// Waits until task `id` is finished, or `timeout` passes; returns the task as last read.
     /// Wakes on every commit to the database, so it returns within about a millisecond.
     pub fn wait(&self, id: TaskId, timeout: Option<Duration>) -> Result<Task> {
-        let changes: Receiver<()> = self.backend.hub().subscribe();
+        let hub = self.backend.hub();
+        let changes: Receiver<()> = hub.subscribe();
+        let _interest = hub.interest();
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             let task = self.task(id)?;

@@ -71,9 +71,9 @@ CREATE UNIQUE INDEX tasks_one_running_per_queue ON tasks(queue)
 CREATE INDEX tasks_ready_parallel ON tasks(runtime, priority, id)
   WHERE state = 'new' AND queue IS NULL AND pending_deps = 0 AND failed_dep IS NULL AND delayed = 0;
 CREATE INDEX tasks_ready_queued ON tasks(queue, priority, id)
-  WHERE state = 'new' AND pending_deps = 0 AND failed_dep IS NULL AND delayed = 0;
+  WHERE state = 'new' AND pending_deps = 0 AND failed_dep IS NULL AND delayed = 0 AND queue IS NOT NULL;
 CREATE INDEX tasks_restarted ON tasks(queue)
-  WHERE state = 'new' AND (attempts > 0 OR lost > 0);
+  WHERE state = 'new' AND (attempts > 0 OR lost > 0) AND queue IS NOT NULL;
 CREATE INDEX tasks_delayed ON tasks(run_at) WHERE state = 'new' AND delayed = 1;
 CREATE INDEX tasks_failed_dep ON tasks(runtime) WHERE state = 'new' AND failed_dep IS NOT NULL;
 CREATE INDEX tasks_handover ON tasks(runtime) WHERE handover = 1;
