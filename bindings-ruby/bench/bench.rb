@@ -8,7 +8,8 @@
 #   SQLite (BEGIN IMMEDIATE; INSERT of a ~100-byte row; COMMIT) and the engine's own
 #   `Store::enqueue` loop (`core_enqueue`), both run from Rust inside this process.
 # - rb_drain_2w: `queue_worker_dispatcher -w 2` (a separate process) drains N no-op tasks that
-#   become visible together (one batch); tasks/s from the batch commit to the last finish.
+#   become visible together (one batch); tasks/s from the batch commit to the last finish. Beside
+#   it, the engine's own ceiling in the same run: two Rust threads looping complete_and_claim.
 # - rb_latency_p50_ms / rb_latency_p99_ms: an idle `queue_worker_dispatcher -w 2`; one task at
 #   a time, enqueued by this process; latency is the task's started_at - enqueued_at (the
 #   engine's clock: enqueue commit to claim, across processes).
@@ -97,9 +98,22 @@ ensure
   end
 end
 
+def core_drain(n)
+  dir, db = fresh_db
+  store = QueueDispatcher::Native::Store.open(db)
+  store.batch_begin
+  n.times { store.enqueue('BenchJob.noop', nil, [], nil, nil) }
+  store.batch_end(true)
+  QueueDispatcher::Native.bench_core_drain(db, 2)
+ensure
+  FileUtils.rm_rf(dir)
+end
+
 def drain_figure
   rates = []
+  core = []
   ROUNDS.times do
+    core << core_drain(DRAIN)
     dir, db = fresh_db
     QueueDispatcher.database = db
     with_daemon(db, 2) do
@@ -121,7 +135,11 @@ def drain_figure
     QueueDispatcher.database = nil
     FileUtils.rm_rf(dir)
   end
-  report('rb_drain_2w', median(rates).round, 'tasks/s', 'tasks' => DRAIN, 'workers' => 2, 'rounds' => ROUNDS)
+  c = median(core)
+  r = median(rates)
+  report('rb_baseline_core_drain_2w', c.round, 'tasks/s', 'tasks' => DRAIN, 'threads' => 2, 'rounds' => ROUNDS)
+  report('rb_drain_2w', r.round, 'tasks/s', 'tasks' => DRAIN, 'workers' => 2, 'core_drain_2w' => c.round,
+                                            'ratio_to_core' => (r / c).round(3), 'rounds' => ROUNDS)
 end
 
 def latency_figures

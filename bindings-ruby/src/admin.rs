@@ -1,12 +1,14 @@
 //! Small pieces the Ruby CLI and benchmark need: target-name checks, ages, pid files, and the
-//! same-run engine/SQLite baselines the Ruby benchmark compares itself with. Ruby threads only.
+//! same-run engine/SQLite baselines the Ruby benchmark compares itself with. Called on Ruby
+//! threads; the baselines run without the GVL (the drain on Rust threads that never touch Ruby).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use magnus::Error;
-use queue_dispatcher_core::{admin, target, Config, NewTask, PidFile, Runtime, Store};
+use queue_dispatcher_core::{admin, target, Config, Dispatcher, DispatcherConfig, NewTask, Outcome, PidFile, Runtime, Store};
 use rusqlite::Connection;
 
 use crate::errors::{invalid, IntoRb};
@@ -94,4 +96,38 @@ pub fn bench_core_enqueue(path: String, n: usize, target: String, args_json: Str
         no_ubf,
     )?
     .rb()
+}
+
+/// The engine's own drain ceiling (the `core_claim_complete_2t` shape): `workers` Rust threads of
+/// one dispatcher on `path` loop `complete_and_claim` until no task comes for 300 ms. Returns
+/// tasks per second. Rust threads only: no Ruby code runs while it drains.
+pub fn bench_core_drain(path: String, workers: usize) -> Result<f64, Error> {
+    let idle = Duration::from_millis(300);
+    let drained = without_gvl(
+        move || -> queue_dispatcher_core::Result<f64> {
+            let store = Store::open(&Config::new(&path))?;
+            let mut cfg = DispatcherConfig::new(Runtime::Ruby);
+            cfg.workers = workers;
+            let d = Dispatcher::start(&store, cfg)?;
+            let done = AtomicUsize::new(0);
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..workers {
+                    let (w, done) = (d.worker(), &done);
+                    s.spawn(move || {
+                        let mut next = w.claim(Some(idle)).ok().flatten();
+                        while let Some(c) = next {
+                            done.fetch_add(1, Ordering::Relaxed);
+                            next = w.complete_and_claim(&c, Outcome::Success("null".into()), Some(idle)).1.ok().flatten();
+                        }
+                    });
+                }
+            });
+            let secs = (start.elapsed().saturating_sub(idle)).as_secs_f64();
+            d.shutdown(Duration::ZERO)?;
+            Ok(done.load(Ordering::Relaxed) as f64 / secs)
+        },
+        no_ubf,
+    )?;
+    drained.rb()
 }

@@ -28,6 +28,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     native.define_module_function("parse_age", function!(admin::parse_age, 1))?;
     native.define_module_function("bench_sqlite_insert", function!(admin::bench_sqlite_insert, 3))?;
     native.define_module_function("bench_core_enqueue", function!(admin::bench_core_enqueue, 4))?;
+    native.define_module_function("bench_core_drain", function!(admin::bench_core_drain, 2))?;
 
     let pid = native.define_class("PidFile", ruby.class_object())?;
     pid.define_singleton_method("acquire", function!(admin::RbPidFile::acquire, 1))?;

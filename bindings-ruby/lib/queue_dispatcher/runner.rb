@@ -11,15 +11,38 @@ module QueueDispatcher
   # reached the database (crash, SIGKILL) runs again after its lease expires.
   class Runner
     # What a task's code sees through QueueDispatcher.update_message / current_task / cancelled?.
-    Context = Struct.new(:worker, :claimed, :task) do
+    # One per worker thread, pointed at the task it runs (nil between tasks).
+    class Context
+      attr_reader :worker, :claimed
+
+      def initialize(worker)
+        @worker = worker
+        @claimed = nil
+        @task = nil
+      end
+
+      def running(claimed)
+        @claimed = claimed
+        @task = nil
+      end
+
+      def task
+        @claimed && (@task ||= Task.new(@claimed.id))
+      end
+
       def progress(msg, perc)
-        worker.progress(claimed, msg&.to_s, perc&.to_f)
+        raise Error, 'update_message called outside a running task' unless @claimed
+
+        worker.progress(@claimed, msg&.to_s, perc&.to_f)
       end
 
       def cancelled
-        claimed.cancelled
+        @claimed&.cancelled
       end
     end
+
+    NO_ARGS = '{"args":[],"kwargs":{}}'
+    NULL = 'null'
 
     attr_reader :workers, :dispatcher, :logger
 
@@ -93,6 +116,7 @@ module QueueDispatcher
 
     def work(w)
       claimed = nil
+      Thread.current[:queue_dispatcher_context] = Context.new(w)
       loop do
         claimed ||= w.claim(nil)
         next unless claimed
@@ -120,7 +144,7 @@ module QueueDispatcher
       job, result, error, message = execute(w, claimed) { |k| job = k }
       w.progress(claimed, message, nil) if message
       log(claimed, error, started)
-      if job.respond_to?(:queue_dispatcher_callbacks?) && job.queue_dispatcher_callbacks?
+      if job&.queue_dispatcher_callbacks?
         reported = true
         settled = w.complete(claimed, result, error)
         run_callbacks(job, claimed.id, settled)
@@ -149,25 +173,30 @@ module QueueDispatcher
     def execute(w, claimed)
       klass, meth, kind = Registry.resolve(claimed.target)
       yield klass
-      ctx = Context.new(w, claimed, Task.new(claimed.id))
-      Thread.current[:queue_dispatcher_context] = ctx
+      ctx = Thread.current[:queue_dispatcher_context]
+      ctx.running(claimed)
       value = wrap_executor do
         receiver = kind == :class ? klass : find_receiver(klass, claimed.receiver)
         receiver.task_id = claimed.id if receiver.respond_to?(:task_id=)
-        payload = JSON.parse(claimed.args)
-        args = payload['args'] || []
-        kwargs = payload['kwargs']
-        if kwargs.nil? || kwargs.empty?
-          receiver.public_send(meth, *args)
+        text = claimed.args
+        if text == NO_ARGS
+          receiver.public_send(meth)
         else
-          receiver.public_send(meth, *args, **kwargs.transform_keys(&:to_sym))
+          payload = JSON.parse(text)
+          args = payload['args'] || []
+          kwargs = payload['kwargs']
+          if kwargs.nil? || kwargs.empty?
+            receiver.public_send(meth, *args)
+          else
+            receiver.public_send(meth, *args, **kwargs.transform_keys(&:to_sym))
+          end
         end
       end
-      [klass, *outcome(value)]
+      value.nil? ? [klass, NULL, nil, nil] : [klass, *outcome(value)]
     rescue StandardError, ScriptError, SystemStackError, NoMemoryError => e
       [klass, nil, error_triple(e), nil]
     ensure
-      Thread.current[:queue_dispatcher_context] = nil
+      ctx&.running(nil)
     end
 
     def find_receiver(klass, receiver_json)
@@ -221,11 +250,8 @@ module QueueDispatcher
     end
 
     def wrap_executor(&block)
-      if defined?(::Rails) && ::Rails.respond_to?(:application) && ::Rails.application
-        ::Rails.application.executor.wrap(&block)
-      else
-        yield
-      end
+      app = defined?(::Rails) && ::Rails.respond_to?(:application) && ::Rails.application
+      app ? app.executor.wrap(&block) : yield
     end
 
     def run_callbacks(job, id, settled)
