@@ -36,6 +36,11 @@ class RunnerTest < Minitest::Test
     assert_equal({ 'n' => 1, 'sym' => [1.5, nil, true] }, done(OutcomeJob.enqueue.value).result)
   end
 
+  def test_modules_are_job_classes_too
+    t = done(MaintenanceJobs.enqueue(queue: 'maint').vacuum(:users))
+    assert_equal ['MaintenanceJobs.vacuum', 'vacuumed users'], [t.target, t.result]
+  end
+
   def test_outcome_conventions
     t = done(OutcomeJob.enqueue.good_rc)
     assert t.successful?

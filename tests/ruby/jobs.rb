@@ -181,3 +181,10 @@ class BenchJob
 
   def self.noop(*) = nil
 end
+
+# Modules opt in the same way (module methods are the tasks).
+module MaintenanceJobs
+  include QueueDispatcher::Job
+
+  def self.vacuum(table) = "vacuumed #{table}"
+end
