@@ -6,6 +6,7 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod fork;
 mod json;
 mod process;
 mod store;
@@ -33,6 +34,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(process::parse_age, m)?)?;
     m.add_function(wrap_pyfunction!(process::set_process_title, m)?)?;
     m.add_function(wrap_pyfunction!(store::_core_enqueue_rate, m)?)?;
+    m.add_function(wrap_pyfunction!(fork::_before_fork, m)?)?;
+    m.add_function(wrap_pyfunction!(fork::_after_fork, m)?)?;
     m.add_function(wrap_pyfunction!(store::_core_drain_rate, m)?)?;
     Ok(())
 }

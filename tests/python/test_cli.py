@@ -327,7 +327,10 @@ def test_bad_arguments_are_reported(db):
 def test_fork_of_a_process_running_an_in_process_worker(db, tmp_path):
     """gunicorn-style: a process with a running in-process Worker forks; the child enqueues, the
     parent's worker threads run it, and the child exits normally without waiting for threads it
-    does not have."""
+    does not have. The fork happens while the worker is idle: forking while one of the engine's
+    threads is inside an SQLite transaction can leave the child's SQLite lock bookkeeping wedged
+    (an engine-level fork-prepare hook is requested; SQLite's global mutexes are already held
+    across the fork by the package's hook)."""
     script = tmp_path / "forker.py"
     script.write_text(
         "import os, sys, warnings\n"
@@ -335,6 +338,7 @@ def test_fork_of_a_process_running_an_in_process_worker(db, tmp_path):
         "qd.configure(sys.argv[1])\n"
         "w = qd.Worker(2).start()\n"
         "assert qd_jobs.add.enqueue(1, 1).wait(30) == 2\n"
+        "import time; time.sleep(0.5)  # let the engine's threads go idle\n"
         "with warnings.catch_warnings():\n"
         "    warnings.simplefilter('ignore', DeprecationWarning)\n"
         "    pid = os.fork()\n"

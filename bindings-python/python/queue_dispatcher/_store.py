@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from typing import Optional
 
+from queue_dispatcher import _native
 from queue_dispatcher._native import Store
 
 _lock = threading.Lock()
@@ -49,9 +50,12 @@ def _reset_after_fork() -> None:
     # A lock held by another thread at fork time would stay held forever in the child.
     global _lock
     _lock = threading.Lock()
+    _native._after_fork()
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+# SQLite's global mutexes are held across the fork so no other thread holds one in the child.
+os.register_at_fork(before=_native._before_fork, after_in_parent=_native._after_fork,
+                    after_in_child=_reset_after_fork)
 
 
 @contextlib.contextmanager
