@@ -4,10 +4,10 @@ commands, durability of enqueue, and fork."""
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import warnings
 
@@ -58,8 +58,8 @@ def test_worker_process_runs_tasks_and_logs(db, start_worker):
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("queue-dispatcher")
-    assert exe, "queue-dispatcher is on PATH after pip install"
+    exe = os.path.join(sysconfig.get_path("scripts"), "queue-dispatcher")
+    assert os.access(exe, os.X_OK), "pip install put the queue-dispatcher script next to python"
     r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and qd.__version__ in r.stdout
 
