@@ -27,6 +27,19 @@ def run_cli(*args, db=None, cwd=None, timeout=60):
     return subprocess.run(cmd, env=child_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+def reap(pid, timeout):
+    """waitpid with a deadline: a child that hangs is killed instead of hanging the suite."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"forked child {pid} did not finish within {timeout}s")
+
+
 def gone(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -308,7 +321,7 @@ def test_fork_keeps_handles_working(db, start_worker):
             traceback.print_exc()
             code = 2
         os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    status = reap(pid, timeout=60)
     assert os.waitstatus_to_exitcode(status) == 0, "the child enqueued a task that a worker ran"
     assert before.wait(30) == 3
     assert qd_jobs.add.enqueue(3, 4).wait(30) == 7, "the parent's handle keeps working"
@@ -350,7 +363,14 @@ def test_fork_of_a_process_running_an_in_process_worker(db, tmp_path):
         "assert w.stop(grace=10)\n"
         "print('parent ok')\n"
     )
-    r = subprocess.run([sys.executable, str(script), db], env=child_env(), capture_output=True, text=True, timeout=90)
+    proc = subprocess.Popen([sys.executable, str(script), db], env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the forked child too
+        out, err = proc.communicate()
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert r.returncode == 0, r.stderr
     assert "parent ok" in r.stdout
     assert sql(db, "PRAGMA integrity_check") == [("ok",)]
