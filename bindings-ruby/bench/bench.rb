@@ -90,6 +90,7 @@ def with_daemon(db, workers)
   pid = Process.spawn({ 'QUEUE_DISPATCHER_DB' => db }, EXE, '-w', workers.to_s, '-r', JOBS, out: File::NULL, err: File::NULL)
   deadline = Time.now + 30
   sleep 0.02 until QueueDispatcher.store.dispatchers.any? { |d| d[:pid] == pid && d[:alive] } || Time.now > deadline
+  raise "#{EXE} did not start within 30 s" if Time.now > deadline
   yield
 ensure
   if pid
@@ -119,17 +120,16 @@ def drain_figure
     with_daemon(db, 2) do
       QueueDispatcher.batch { DRAIN.times { BenchJob.enqueue.noop } }
       committed = Time.now
-      last = nil
+      deadline = Time.now + 300
       loop do
         c = QueueDispatcher.counts.first
         break if c && c[:successful] == DRAIN
+        raise "rb_drain_2w: the dispatcher did not drain #{DRAIN} tasks within 300 s (#{c.inspect})" if Time.now > deadline
 
         sleep 0.01
       end
-      last = QueueDispatcher.tasks(states: ['successful'], descending: true, limit: 1).first
       finished = QueueDispatcher.tasks(limit: DRAIN, states: ['successful']).map { |t| t.attributes[:finished_at] }.max
       rates << DRAIN / (finished / 1e6 - committed.to_f)
-      last
     end
   ensure
     QueueDispatcher.database = nil
@@ -151,6 +151,8 @@ def latency_figures
     (warm + SAMPLES).times do |i|
       sleep 0.002
       t = BenchJob.enqueue.noop.wait(10)
+      raise "rb_latency: task #{t.id} not run within 10 s (#{t.state})" unless t.successful?
+
       a = t.attributes
       samples << (a[:started_at] - a[:enqueued_at]) / 1000.0 if i >= warm
     end

@@ -158,6 +158,20 @@ class DaemonTest < Minitest::Test
     wait_until(10, 'children gone') { store.dispatchers.none? { |d| d[:alive] } }
   end
 
+  def test_processes_children_leave_when_the_supervisor_dies
+    sup = start_daemon('-w', '1', '--processes', '2', wait: false)
+    wait_until(20, 'two worker processes') { store.dispatchers.count { |d| d[:alive] }.eql?(2) }
+    stop_daemon(sup, signal: 'KILL')
+    wait_until(15, 'orphaned children stopped') { store.dispatchers.empty? }
+  end
+
+  def test_a_killed_worker_thread_is_replaced
+    start_daemon('-w', '1')
+    rude = done(RudeJob.enqueue.kill_my_thread)
+    assert_equal 'Interrupted', rude.error[:class]
+    assert done(LongRunningMailJob.enqueue.send_mail('after')).successful?, 'the single worker was replaced'
+  end
+
   def test_forbidden_rows_end_in_error_and_nothing_runs
     pwned = File.join(@dir, 'pwned')
     store # creates the database before the sqlite3 CLI writes to it

@@ -188,3 +188,10 @@ module MaintenanceJobs
 
   def self.vacuum(table) = "vacuumed #{table}"
 end
+
+# Kills the worker thread that runs it (the dispatcher must replace that thread).
+class RudeJob
+  include QueueDispatcher::Job
+
+  def self.kill_my_thread = Thread.current.kill
+end

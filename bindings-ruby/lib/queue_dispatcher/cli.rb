@@ -152,12 +152,15 @@ module QueueDispatcher
                    "#{@opts[:queues] ? ", queues #{@opts[:queues].join(',')}" : ''} (pid #{Process.pid})")
       signals = 0
       deadline = nil
+      supervisor = Process.ppid if @opts[:child]
       loop do
         title(runner)
         ready = IO.select([@self_r], nil, nil, deadline ? 0.05 : 1.0)
-        if ready
-          got = @self_r.read_nonblock(64, exception: false)
-          got = '' unless got.is_a?(String)
+        got = ready ? @self_r.read_nonblock(64, exception: false) : nil
+        got = '' unless got.is_a?(String)
+        # A --processes child whose supervisor died stops like on SIGTERM.
+        got = 'T' if supervisor && signals.zero? && Process.ppid != supervisor
+        unless got.empty?
           got.each_char do
             signals += 1
             if signals == 1
@@ -172,6 +175,8 @@ module QueueDispatcher
           runner.shutdown_now
           return 1
         end
+        # A worker thread that died (Thread#kill from task code, a bug) is replaced.
+        runner.revive if signals.zero?
         next unless deadline
 
         if runner.alive_threads.zero? || Process.clock_gettime(Process::CLOCK_MONOTONIC) >= deadline
@@ -192,9 +197,11 @@ module QueueDispatcher
     # restarted when they die, until a signal asks everyone to stop.
     def supervise
       argv = child_argv
+      program = File.expand_path($PROGRAM_NAME)
       children = {}
       spawn_child = lambda do
-        pid = Process.spawn(RbConfig.ruby, $PROGRAM_NAME, *argv)
+        # Own process group: a terminal Ctrl-C reaches only the supervisor, which forwards it once.
+        pid = Process.spawn(RbConfig.ruby, program, *argv, pgroup: true)
         children[pid] = Process.clock_gettime(Process::CLOCK_MONOTONIC)
         @logger.info("started worker process #{pid}")
       end

@@ -67,14 +67,20 @@ module QueueDispatcher
 
     def start
       @dispatcher = Native::Dispatcher.start(QueueDispatcher.store, @opts.compact)
-      @threads = Array.new(@workers) do |i|
-        Thread.new(@dispatcher.worker) do |w|
-          Thread.current.name = "qd-worker-#{i}"
-          Thread.current.report_on_exception = false
-          work(w)
-        end
-      end
+      @threads = Array.new(@workers) { |i| spawn_worker(i) }
       self
+    end
+
+    # Replaces worker threads that died while the dispatcher still claims; returns how many.
+    def revive
+      return 0 unless @dispatcher
+
+      dead = @threads.each_index.reject { |i| @threads[i].alive? }
+      dead.each do |i|
+        @logger&.error("worker qd-worker-#{i} died; starting a new one")
+        @threads[i] = spawn_worker(i)
+      end
+      dead.size
     end
 
     # Tasks claimed and not yet reported.
@@ -113,6 +119,14 @@ module QueueDispatcher
     end
 
     private
+
+    def spawn_worker(index)
+      Thread.new(@dispatcher.worker) do |w|
+        Thread.current.name = "qd-worker-#{index}"
+        Thread.current.report_on_exception = false
+        work(w)
+      end
+    end
 
     def work(w)
       claimed = nil
