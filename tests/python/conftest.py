@@ -5,6 +5,7 @@ command line and always reaped. Warnings are errors and every test has a timeout
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -107,7 +108,7 @@ def start_worker(db: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProces
                "--import", "qd_jobs", "--db", db, *extra]
         with open(log, "ab") as out:
             proc = subprocess.Popen(cmd, cwd=tmp_path, env=child_env(**(env or {})), stdout=out, stderr=out,
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
         w = WorkerProcess(proc, log)
         started.append(w)
         if ready:
@@ -116,6 +117,8 @@ def start_worker(db: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProces
 
     yield start
     for w in started:
-        if w.proc.poll() is None:
-            w.proc.kill()
+        try:
+            os.killpg(w.pid, signal.SIGKILL)  # with any children (--processes)
+        except ProcessLookupError:
+            pass
         w.proc.wait(timeout=30)
