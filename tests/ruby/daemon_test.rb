@@ -237,7 +237,8 @@ class DaemonTest < Minitest::Test
     mail = LongRunningMailJob.enqueue(queue: 'mail').send_mail
     other = LongRunningMailJob.enqueue(queue: 'other').send_mail
     free = LongRunningMailJob.enqueue.send_mail
-    start_daemon('--queues', 'mail', '-w', '2')
+    pid = start_daemon('--queues', 'mail', '-w', '2')
+    wait_until(5, 'status line in the process title') { File.read("/proc/#{pid}/cmdline").match?(%r{queue_worker_dispatcher: \d+/2 busy}) }
     done(mail)
     sleep 0.3
     assert other.reload.new?
