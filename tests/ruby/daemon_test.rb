@@ -217,6 +217,21 @@ class DaemonTest < Minitest::Test
     assert_equal 'inside executor', done(ExecutorJob.enqueue.inside).result
   end
 
+  def test_ctrl_c_interrupts_a_waiting_enqueuer_promptly
+    id = LongRunningMailJob.enqueue.send_mail.id
+    script = "require 'queue_dispatcher'; $stdout.sync = true; t = QueueDispatcher::Task.new(#{id}); puts 'waiting'; " \
+             "begin; t.wait; rescue Interrupt; puts 'interrupted'; exit 3; end"
+    IO.popen({ 'QUEUE_DISPATCHER_DB' => @db }, [RbConfig.ruby, '-e', script], err: %i[child out]) do |io|
+      assert_equal "waiting\n", io.gets
+      sleep 0.2
+      started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      Process.kill('INT', io.pid)
+      assert_equal "interrupted\n", io.gets
+      assert_operator Process.clock_gettime(Process::CLOCK_MONOTONIC) - started, :<, 1
+    end
+    assert_equal 3, $CHILD_STATUS.exitstatus
+  end
+
   def test_admin_commands_and_version
     out = IO.popen([exe, '--version'], &:read)
     assert_equal "queue_worker_dispatcher #{QueueDispatcher::VERSION}\n", out
