@@ -18,7 +18,6 @@ Gem::Specification.new do |s|
   s.authors = ['queue_dispatcher developers']
   s.license = 'MIT'
   s.required_ruby_version = '>= 3.0'
-  s.homepage = 'https://example.invalid/queue_dispatcher'
 
   s.files = Dir.chdir(__dir__) do
     ['Cargo.toml', 'Cargo.lock', 'queue_dispatcher.gemspec'] +

@@ -209,7 +209,9 @@ class DaemonTest < Minitest::Test
         ensure
           Thread.current[:fake_rails_executor] = nil
         end
-        App = Struct.new(:executor) { def eager_load! = nil }.new(Executor)
+        Reloader = Object.new
+        def Reloader.wrap(&block) = Executor.wrap(&block) # as Rails' reloader runs the executor
+        App = Struct.new(:executor, :reloader) { def eager_load! = nil }.new(Executor, Reloader)
         def self.application = App
       end
     RUBY

@@ -263,9 +263,14 @@ module QueueDispatcher
       [e.class.name.to_s, e.message.to_s, Array(e.backtrace)]
     end
 
+    # Under Rails, task code runs as Rails expects of background work: inside the reloader
+    # (which runs the executor: connection pool check-in, query cache, code reloading in
+    # development), or the executor alone where there is no reloader.
     def wrap_executor(&block)
       app = defined?(::Rails) && ::Rails.respond_to?(:application) && ::Rails.application
-      app ? app.executor.wrap(&block) : yield
+      return yield unless app
+
+      app.respond_to?(:reloader) ? app.reloader.wrap(&block) : app.executor.wrap(&block)
     end
 
     def run_callbacks(job, id, settled)
