@@ -131,7 +131,8 @@ impl Slot {
 }
 
 enum Request {
-    Settle(SettleReq, Sender<Result<Settled>>),
+    /// An outcome, and optionally the same worker's next claim, so both go into one transaction.
+    Settle(SettleReq, Sender<Result<Settled>>, Option<Arc<Slot>>),
     Park(Arc<Slot>),
     Progress(ProgressReq),
     StopClaiming,
@@ -325,6 +326,17 @@ impl Worker {
     /// Blocks until a task is claimed for this worker (`Some`), `timeout` passes or the waker
     /// fires (`None`), or the dispatcher stops (`Error::Stopped`).
     pub fn claim(&self, timeout: Option<Duration>) -> Result<Option<Claimed>> {
+        match self.new_slot()? {
+            Some(slot) => {
+                let sent = self.inner.send(Request::Park(slot.clone()));
+                self.wait_slot(slot, sent, timeout)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// A fresh claim slot published to the waker, or `None` if a wake is pending.
+    fn new_slot(&self) -> Result<Option<Arc<Slot>>> {
         if self.inner.stopping.load(Ordering::Acquire) {
             return Err(Error::Stopped);
         }
@@ -336,7 +348,11 @@ impl Worker {
         if self.wake.woken.swap(false, Ordering::AcqRel) {
             slot.cancel();
         }
-        let result = self.inner.send(Request::Park(slot.clone())).and_then(|()| {
+        Ok(Some(slot))
+    }
+
+    fn wait_slot(&self, slot: Arc<Slot>, sent: Result<()>, timeout: Option<Duration>) -> Result<Option<Claimed>> {
+        let result = sent.and_then(|()| {
             let deadline = timeout.map(|t| Instant::now() + t);
             let mut st = slot.state.lock();
             loop {
@@ -382,7 +398,7 @@ impl Worker {
         }))
     }
 
-    fn send_settle(&self, claimed: &Claimed, settle: Settle) -> Result<Receiver<Result<Settled>>> {
+    fn send_settle(&self, claimed: &Claimed, settle: Settle, next: Option<Arc<Slot>>) -> Result<Receiver<Result<Settled>>> {
         if claimed.kind != ClaimKind::Run {
             return Err(Error::invalid("claim", format!("task {} was handed over for its on_error callback only; there is no outcome to store", claimed.task.id)));
         }
@@ -395,7 +411,7 @@ impl Worker {
             (s, _) => s,
         };
         let (tx, rx) = bounded(1);
-        self.inner.send(Request::Settle(SettleReq { id: claimed.task.id, token: claimed.token, settle, progress: None }, tx))?;
+        self.inner.send(Request::Settle(SettleReq { id: claimed.task.id, token: claimed.token, settle, progress: None }, tx, next))?;
         Ok(rx)
     }
 
@@ -413,25 +429,32 @@ impl Worker {
     /// Stores the outcome; returns once it is committed. `Error::StaleToken` means the run had
     /// been declared lost (or reset) and the outcome was refused.
     pub fn complete(&self, claimed: &Claimed, outcome: Outcome) -> Result<Settled> {
-        let rx = self.send_settle(claimed, Settle::Outcome(outcome))?;
+        let rx = self.send_settle(claimed, Settle::Outcome(outcome), None)?;
         self.finish(claimed, rx)
     }
 
     /// `complete`, then `claim` in the same transaction: the fast path for workers without
     /// callbacks to run in between.
     pub fn complete_and_claim(&self, claimed: &Claimed, outcome: Outcome, timeout: Option<Duration>) -> (Result<Settled>, Result<Option<Claimed>>) {
-        let rx = match self.send_settle(claimed, Settle::Outcome(outcome)) {
+        let slot = match self.new_slot() {
+            Ok(slot) => slot,
+            Err(e) => return (self.complete(claimed, outcome), Err(e)),
+        };
+        let rx = match self.send_settle(claimed, Settle::Outcome(outcome), slot.clone()) {
             Ok(rx) => rx,
             Err(e) => return (Err(e), Ok(None)),
         };
-        let next = self.claim(timeout);
+        let next = match slot {
+            Some(slot) => self.wait_slot(slot, Ok(()), timeout),
+            None => Ok(None),
+        };
         (self.finish(claimed, rx), next)
     }
 
     /// Hands a claimed task back unstarted (e.g. the worker was told to stop before running it):
     /// it becomes `new` again without counting an attempt.
     pub fn release(&self, claimed: &Claimed) -> Result<Settled> {
-        let rx = self.send_settle(claimed, Settle::Release)?;
+        let rx = self.send_settle(claimed, Settle::Release, None)?;
         self.finish(claimed, rx)
     }
 }
@@ -463,6 +486,14 @@ struct PendingProgress {
     last_write: Option<Instant>,
 }
 
+fn park(slot: Arc<Slot>, parked: &mut Vec<Arc<Slot>>, stop_claiming: bool) {
+    if stop_claiming {
+        slot.finish(Err(Error::Stopped));
+    } else {
+        parked.push(slot);
+    }
+}
+
 fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) {
     let policy = RetryPolicy { base: inner.cfg.retry_base, cap: inner.cfg.retry_cap };
     let mut parked: Vec<Arc<Slot>> = Vec::new();
@@ -476,21 +507,18 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
     let mut stop_claiming = false;
 
     let handle = |req: Request, parked: &mut Vec<Arc<Slot>>, settles: &mut Vec<(SettleReq, Sender<Result<Settled>>)>, progress: &mut HashMap<TaskId, PendingProgress>, stop: &mut bool, stop_claiming: &mut bool| match req {
-        Request::Settle(mut s, reply) => {
+        Request::Settle(mut s, reply, next) => {
             if let Some(p) = progress.remove(&s.id) {
                 if p.token == s.token {
                     s.progress = Some(p.progress);
                 }
             }
             settles.push((s, reply));
-        }
-        Request::Park(slot) => {
-            if *stop_claiming {
-                slot.finish(Err(Error::Stopped));
-            } else {
-                parked.push(slot);
+            if let Some(slot) = next {
+                park(slot, parked, *stop_claiming);
             }
         }
+        Request::Park(slot) => park(slot, parked, *stop_claiming),
         Request::Progress(p) => {
             let e = progress.entry(p.id).or_insert(PendingProgress { token: p.token, progress: Progress { message: None, perc: None }, dirty: false, last_write: None });
             e.token = p.token;

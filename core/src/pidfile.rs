@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 #[derive(Debug)]
 pub struct PidFile {
     path: PathBuf,
-    file: File,
+    /// Held open for its lock.
+    _lock: File,
 }
 
 impl PidFile {
@@ -34,7 +35,7 @@ impl PidFile {
         file.rewind()?;
         writeln!(file, "{}", std::process::id())?;
         file.flush()?;
-        Ok(PidFile { path: path.to_path_buf(), file })
+        Ok(PidFile { path: path.to_path_buf(), _lock: file })
     }
 
     pub fn path(&self) -> &Path {

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use parking_lot::{Mutex, ReentrantMutex};
+use parking_lot::{Mutex, ReentrantMutex, RwLock};
 use rusqlite::{Connection, OpenFlags};
 
 use super::schema;
@@ -54,6 +54,9 @@ pub(super) struct Db {
     // closed (closing would release the parent's POSIX locks); Drop leaks them there.
     pub writer: ManuallyDrop<ReentrantMutex<Writer>>,
     readers: ManuallyDrop<Mutex<Vec<Connection>>>,
+    /// Every use of any connection of this Db holds it shared; a fork takes it exclusively, so
+    /// no SQLite transaction of this process is in flight when the child is made.
+    quiesce: Arc<RwLock<()>>,
     pub hub: Arc<Hub>,
     stop: Arc<AtomicBool>,
     /// Set by every local commit; the maintenance thread checkpoints when it finds it set.
@@ -176,6 +179,7 @@ impl Db {
             config: config.clone(),
             writer: ManuallyDrop::new(ReentrantMutex::new(Writer { conn, batch: Cell::new(0) })),
             readers: ManuallyDrop::new(Mutex::new(Vec::new())),
+            quiesce: Arc::new(RwLock::new(())),
             hub: Arc::new(Hub::default()),
             stop: Arc::new(AtomicBool::new(false)),
             dirty: Arc::new(AtomicBool::new(false)),
@@ -192,6 +196,7 @@ impl Db {
     /// Runs `f` in a write transaction (a savepoint inside an open batch of this thread).
     pub fn write<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
         let guard = self.writer.lock();
+        let _quiet = self.quiesce.read();
         let conn = &guard.conn;
         let in_batch = guard.batch.get() > 0;
         let (begin, commit, rollback) = if in_batch {
@@ -246,7 +251,10 @@ impl Db {
                 c
             }
         };
-        let out = f(&conn);
+        let out = {
+            let _quiet = self.quiesce.read();
+            f(&conn)
+        };
         let mut pool = self.readers.lock();
         if pool.len() < 8 {
             pool.push(conn);
@@ -331,6 +339,7 @@ impl Drop for Db {
 fn spawn_watcher(db: &Arc<Db>) -> Result<JoinHandle<()>> {
     let hub = db.hub.clone();
     let stop = db.stop.clone();
+    let quiesce = db.quiesce.clone();
     let stop_fd = db.stop_pipe[0];
     let path = db.path.clone();
     let config = db.config.clone();
@@ -346,7 +355,11 @@ fn spawn_watcher(db: &Arc<Db>) -> Result<JoinHandle<()>> {
             if !hub.wait_for_interest(Duration::from_millis(200)) {
                 continue;
             }
-            if let Ok(v) = conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0)) {
+            let version = {
+                let _quiet = quiesce.read();
+                conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
+            };
+            if let Ok(v) = version {
                 if v != last {
                     last = v;
                     hub.notify();
@@ -420,6 +433,7 @@ fn watch_inotify(path: &Path, hub: &Hub, stop: &AtomicBool, stop_fd: libc::c_int
 fn spawn_maintenance(db: &Arc<Db>, stop_rx: Receiver<()>) -> Result<JoinHandle<()>> {
     let stop = db.stop.clone();
     let dirty = db.dirty.clone();
+    let quiesce = db.quiesce.clone();
     let path = db.path.clone();
     let config = db.config.clone();
     let mut wal_path = path.clone().into_os_string();
@@ -447,6 +461,7 @@ fn spawn_maintenance(db: &Arc<Db>, stop_rx: Receiver<()>) -> Result<JoinHandle<(
                 continue;
             }
             let mode = if size > limit { "TRUNCATE" } else { "PASSIVE" };
+            let _quiet = quiesce.read();
             let res = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
             });
@@ -455,4 +470,71 @@ fn spawn_maintenance(db: &Arc<Db>, stop_rx: Receiver<()>) -> Result<JoinHandle<(
         }
     })?;
     Ok(handle)
+}
+
+/// Dbs whose locks the forking thread holds between [`prepare_fork`] and the after-fork calls.
+static FORKING: Mutex<Vec<Arc<Db>>> = Mutex::new(Vec::new());
+
+/// SQLite's static mutexes, outer ones first (the order SQLite nests them).
+const SQLITE_STATIC_MUTEXES: [libc::c_int; 12] = [
+    rusqlite::ffi::SQLITE_MUTEX_STATIC_MAIN,
+    rusqlite::ffi::SQLITE_MUTEX_STATIC_OPEN,
+    rusqlite::ffi::SQLITE_MUTEX_STATIC_VFS1,
+    rusqlite::ffi::SQLITE_MUTEX_STATIC_VFS2,
+    rusqlite::ffi::SQLITE_MUTEX_STATIC_VFS3,
+    rusqlite::ffi::SQLITE_MUTEX_STATIC_APP1,
+    rusqlite::ffi::SQLITE_MUTEX_STATIC_APP2,
+    rusqlite::ffi::SQLITE_MUTEX_STATIC_APP3,
+    rusqlite::ffi::SQLITE_MUTEX_STATIC_PRNG,
+    rusqlite::ffi::SQLITE_MUTEX_STATIC_LRU,
+    rusqlite::ffi::SQLITE_MUTEX_STATIC_PMEM,
+    rusqlite::ffi::SQLITE_MUTEX_STATIC_MEM,
+];
+
+fn sqlite_static_mutexes() -> impl DoubleEndedIterator<Item = *mut rusqlite::ffi::sqlite3_mutex> {
+    // SAFETY: with a static id, sqlite3_mutex_alloc returns SQLite's own static mutex (null when
+    // built without mutexes).
+    SQLITE_STATIC_MUTEXES.iter().map(|&id| unsafe { rusqlite::ffi::sqlite3_mutex_alloc(id) }).filter(|m| !m.is_null())
+}
+
+/// Before fork(): waits (up to 2 s per database, so a batch held open by a thread that itself
+/// waits for the forking thread cannot deadlock it) until no engine transaction of this process
+/// is in flight, then holds SQLite's global mutexes, so the child inherits no lock held by a
+/// thread that does not exist there.
+pub fn prepare_fork() {
+    let wait = Duration::from_secs(2);
+    let pid = std::process::id();
+    let dbs: Vec<Arc<Db>> = REGISTRY.lock().iter().filter(|(p, ..)| *p == pid).filter_map(|(.., w)| w.upgrade()).collect();
+    let mut held = Vec::new();
+    for db in dbs {
+        let Some(writer) = db.writer.try_lock_for(wait) else { continue };
+        let Some(quiet) = db.quiesce.try_write_for(wait) else { continue };
+        std::mem::forget(quiet);
+        std::mem::forget(writer);
+        held.push(db);
+    }
+    *FORKING.lock() = held;
+    std::mem::forget(REGISTRY.lock());
+    for m in sqlite_static_mutexes() {
+        // SAFETY: a valid static mutex, left again by after_fork on this same thread.
+        unsafe { rusqlite::ffi::sqlite3_mutex_enter(m) };
+    }
+}
+
+/// After fork(), in the parent and in the child (on the thread that called [`prepare_fork`]).
+/// In the child every inherited database is abandoned at its next use and opened afresh.
+pub fn after_fork() {
+    for m in sqlite_static_mutexes().rev() {
+        // SAFETY: entered by prepare_fork on this thread (in the child: its copy).
+        unsafe { rusqlite::ffi::sqlite3_mutex_leave(m) };
+    }
+    // SAFETY: prepare_fork locked the registry and forgot the guard, on this thread.
+    unsafe { REGISTRY.force_unlock() };
+    for db in FORKING.lock().drain(..) {
+        // SAFETY: prepare_fork took both locks on this thread and forgot the guards.
+        unsafe {
+            db.quiesce.force_unlock_write();
+            db.writer.force_unlock();
+        }
+    }
 }

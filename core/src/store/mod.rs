@@ -4,6 +4,9 @@
 //! [`Store`] is the public handle: cheap to clone, usable from any thread.
 
 mod db;
+pub(crate) mod db_fork {
+    pub use super::db::{after_fork, prepare_fork};
+}
 pub(crate) mod schema;
 mod sqlite;
 
