@@ -80,8 +80,6 @@ CREATE INDEX tasks_handover ON tasks(runtime) WHERE handover = 1;
 CREATE INDEX tasks_running ON tasks(dispatcher_id) WHERE state = 'running';
 CREATE UNIQUE INDEX tasks_unique_key ON tasks(unique_key)
   WHERE unique_key IS NOT NULL AND state IN ('new', 'running');
-CREATE INDEX tasks_finished ON tasks(finished_at)
-  WHERE state IN ('successful', 'error', 'aborted');
 
 CREATE TABLE task_deps (
   task_id    INTEGER NOT NULL,
