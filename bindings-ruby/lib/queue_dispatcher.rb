@@ -139,10 +139,16 @@ module QueueDispatcher
     end
   end
 
-  # Connections must never be used across fork (app servers preload, then fork).
+  # Connections must never be used across fork (app servers preload, then fork): the engine
+  # holds its transactions and SQLite's global locks across the fork, and the child reopens.
   module ForkHook
     def _fork
-      pid = super
+      QueueDispatcher::Native.before_fork
+      begin
+        pid = super
+      ensure
+        QueueDispatcher::Native.after_fork
+      end
       QueueDispatcher.after_fork if pid.zero?
       pid
     end

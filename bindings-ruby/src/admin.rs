@@ -131,3 +131,14 @@ pub fn bench_core_drain(path: String, workers: usize) -> Result<f64, Error> {
     )?;
     drained.rb()
 }
+
+/// `Process._fork` hook, before the fork: waits (without the GVL, so a thread finishing a batch
+/// can run) until no engine transaction is in flight, then holds the engine's and SQLite's locks.
+pub fn before_fork() -> Result<(), Error> {
+    without_gvl(queue_dispatcher_core::fork::prepare, no_ubf)
+}
+
+/// `Process._fork` hook, after the fork, in the parent and in the child: releases them.
+pub fn after_fork() {
+    queue_dispatcher_core::fork::after();
+}
