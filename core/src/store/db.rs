@@ -445,10 +445,13 @@ fn spawn_maintenance(db: &Arc<Db>, stop_rx: Receiver<()>) -> Result<JoinHandle<(
         let _ = conn.busy_timeout(Duration::from_millis(5));
         let limit = config.wal_limit_bytes;
         let mut pending = false;
+        let mut size = 0;
         loop {
             // A checkpoint every 100 ms at most: each one copies the pages written since the
-            // last, so hot pages rewritten by many commits are copied once.
-            match stop_rx.recv_timeout(Duration::from_millis(100)) {
+            // last, so hot pages rewritten by many commits are copied once. Closer to the limit,
+            // look more often.
+            let interval = if size > limit / 2 { 20 } else { 100 };
+            match stop_rx.recv_timeout(Duration::from_millis(interval)) {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
@@ -456,12 +459,16 @@ fn spawn_maintenance(db: &Arc<Db>, stop_rx: Receiver<()>) -> Result<JoinHandle<(
                 return;
             }
             pending |= dirty.swap(false, Ordering::AcqRel);
-            let size = std::fs::metadata(&wal_path).map(|m| m.len()).unwrap_or(0);
+            size = std::fs::metadata(&wal_path).map(|m| m.len()).unwrap_or(0);
             if size <= limit && !pending {
                 continue;
             }
             let mode = if size > limit { "TRUNCATE" } else { "PASSIVE" };
-            let _quiet = quiesce.read();
+            // Over the limit, PASSIVE rounds never catch up with a busy writer (SQLite rewinds the
+            // WAL only when a write starts with every frame copied back), so the truncating
+            // checkpoint runs with this process's writers held off; it waits for other
+            // processes' readers only briefly (5 ms) and retries next round.
+            let (_shared, _exclusive) = if size > limit { (None, Some(quiesce.write())) } else { (Some(quiesce.read()), None) };
             let res = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
             });
