@@ -9,36 +9,16 @@ use pyo3::prelude::*;
 use pyo3::types::PyModule;
 use queue_dispatcher_core::Error as CoreError;
 
-create_exception!(
-    queue_dispatcher,
-    Error,
-    PyException,
-    "Base class of every queue_dispatcher error."
-);
-create_exception!(
-    queue_dispatcher,
-    InvalidInputError,
-    Error,
-    "An argument is malformed; `field` names it."
-);
+create_exception!(queue_dispatcher, Error, PyException, "Base class of every queue_dispatcher error.");
+create_exception!(queue_dispatcher, InvalidInputError, Error, "An argument is malformed; `field` names it.");
 create_exception!(
     queue_dispatcher,
     TaskNotFoundError,
     Error,
     "No task with this id exists (never enqueued, or purged)."
 );
-create_exception!(
-    queue_dispatcher,
-    MissingDependencyError,
-    Error,
-    "A dependency names a task that does not exist."
-);
-create_exception!(
-    queue_dispatcher,
-    DependencyCycleError,
-    Error,
-    "Adding this dependency would close a cycle."
-);
+create_exception!(queue_dispatcher, MissingDependencyError, Error, "A dependency names a task that does not exist.");
+create_exception!(queue_dispatcher, DependencyCycleError, Error, "Adding this dependency would close a cycle.");
 create_exception!(
     queue_dispatcher,
     InvalidStateError,
@@ -51,30 +31,15 @@ create_exception!(
     Error,
     "An outcome was refused: the run had been declared lost or the task was reset."
 );
-create_exception!(
-    queue_dispatcher,
-    NotADatabaseError,
-    Error,
-    "The file is not a queue_dispatcher database."
-);
-create_exception!(
-    queue_dispatcher,
-    SchemaTooNewError,
-    Error,
-    "The database was written by a newer queue_dispatcher."
-);
+create_exception!(queue_dispatcher, NotADatabaseError, Error, "The file is not a queue_dispatcher database.");
+create_exception!(queue_dispatcher, SchemaTooNewError, Error, "The database was written by a newer queue_dispatcher.");
 create_exception!(
     queue_dispatcher,
     BusyError,
     Error,
     "The database stayed locked by another connection past the busy timeout."
 );
-create_exception!(
-    queue_dispatcher,
-    StoppedError,
-    Error,
-    "The dispatcher has been stopped."
-);
+create_exception!(queue_dispatcher, StoppedError, Error, "The dispatcher has been stopped.");
 create_exception!(
     queue_dispatcher,
     StorageError,
@@ -90,49 +55,25 @@ pub fn to_py(err: CoreError) -> PyErr {
         let (exc, attrs): (PyErr, Vec<(&str, Py<PyAny>)>) = match err {
             CoreError::InvalidInput { field, message: _ } => (
                 InvalidInputError::new_err(message),
-                vec![(
-                    "field",
-                    field.into_pyobject(py).unwrap().into_any().unbind(),
-                )],
+                vec![("field", field.into_pyobject(py).unwrap().into_any().unbind())],
             ),
-            CoreError::NotFound(id) => (
-                TaskNotFoundError::new_err(message),
-                vec![("task_id", int(py, id))],
-            ),
+            CoreError::NotFound(id) => (TaskNotFoundError::new_err(message), vec![("task_id", int(py, id))]),
             CoreError::MissingDependency { task, dependency } => (
                 MissingDependencyError::new_err(message),
-                vec![
-                    ("task_id", opt_int(py, task)),
-                    ("dependency", int(py, dependency)),
-                ],
+                vec![("task_id", opt_int(py, task)), ("dependency", int(py, dependency))],
             ),
             CoreError::DependencyCycle { task, dependency } => (
                 DependencyCycleError::new_err(message),
-                vec![
-                    ("task_id", int(py, task)),
-                    ("dependency", int(py, dependency)),
-                ],
+                vec![("task_id", int(py, task)), ("dependency", int(py, dependency))],
             ),
-            CoreError::InvalidState {
-                task,
-                state,
-                action,
-            } => (
+            CoreError::InvalidState { task, state, action } => (
                 InvalidStateError::new_err(message),
-                vec![
-                    ("task_id", int(py, task)),
-                    ("state", string(py, state.as_str())),
-                    ("action", string(py, action)),
-                ],
+                vec![("task_id", int(py, task)), ("state", string(py, state.as_str())), ("action", string(py, action))],
             ),
-            CoreError::StaleToken { task } => (
-                StaleTokenError::new_err(message),
-                vec![("task_id", int(py, task))],
-            ),
-            CoreError::NotADatabase { path, message: _ } => (
-                NotADatabaseError::new_err(message),
-                vec![("path", string(py, &path))],
-            ),
+            CoreError::StaleToken { task } => (StaleTokenError::new_err(message), vec![("task_id", int(py, task))]),
+            CoreError::NotADatabase { path, message: _ } => {
+                (NotADatabaseError::new_err(message), vec![("path", string(py, &path))])
+            }
             CoreError::SchemaTooNew { found, supported } => (
                 SchemaTooNewError::new_err(message),
                 vec![("found", int(py, found)), ("supported", int(py, supported))],
@@ -153,10 +94,7 @@ pub fn to_py(err: CoreError) -> PyErr {
 
 /// A binding-level refusal of an argument, raised like the engine's `InvalidInput`.
 pub fn invalid(field: &str, message: impl Into<String>) -> PyErr {
-    to_py(CoreError::InvalidInput {
-        field: field.to_string(),
-        message: message.into(),
-    })
+    to_py(CoreError::InvalidInput { field: field.to_string(), message: message.into() })
 }
 
 fn int(py: Python<'_>, v: i64) -> Py<PyAny> {
@@ -177,44 +115,19 @@ fn string(py: Python<'_>, v: &str) -> Py<PyAny> {
 pub fn _raise_engine_error(variant: &str) -> PyResult<()> {
     use queue_dispatcher_core::State;
     let err = match variant {
-        "InvalidInput" => CoreError::InvalidInput {
-            field: "args".into(),
-            message: "sample".into(),
-        },
+        "InvalidInput" => CoreError::InvalidInput { field: "args".into(), message: "sample".into() },
         "NotFound" => CoreError::NotFound(7),
-        "MissingDependency" => CoreError::MissingDependency {
-            task: Some(1),
-            dependency: 2,
-        },
-        "DependencyCycle" => CoreError::DependencyCycle {
-            task: 1,
-            dependency: 2,
-        },
-        "InvalidState" => CoreError::InvalidState {
-            task: 1,
-            state: State::Running,
-            action: "add a dependency to",
-        },
+        "MissingDependency" => CoreError::MissingDependency { task: Some(1), dependency: 2 },
+        "DependencyCycle" => CoreError::DependencyCycle { task: 1, dependency: 2 },
+        "InvalidState" => CoreError::InvalidState { task: 1, state: State::Running, action: "add a dependency to" },
         "StaleToken" => CoreError::StaleToken { task: 3 },
-        "NotADatabase" => CoreError::NotADatabase {
-            path: "/tmp/x".into(),
-            message: "sample".into(),
-        },
-        "SchemaTooNew" => CoreError::SchemaTooNew {
-            found: 99,
-            supported: 1,
-        },
-        "Busy" => CoreError::Busy {
-            message: "sample".into(),
-        },
+        "NotADatabase" => CoreError::NotADatabase { path: "/tmp/x".into(), message: "sample".into() },
+        "SchemaTooNew" => CoreError::SchemaTooNew { found: 99, supported: 1 },
+        "Busy" => CoreError::Busy { message: "sample".into() },
         "Stopped" => CoreError::Stopped,
-        "Storage" => CoreError::Storage {
-            message: "sample".into(),
-        },
+        "Storage" => CoreError::Storage { message: "sample".into() },
         other => {
-            return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                "unknown engine error variant {other:?}"
-            )))
+            return Err(pyo3::exceptions::PyValueError::new_err(format!("unknown engine error variant {other:?}")))
         }
     };
     Err(to_py(err))
@@ -225,14 +138,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("Error", py.get_type::<Error>())?;
     m.add("InvalidInputError", py.get_type::<InvalidInputError>())?;
     m.add("TaskNotFoundError", py.get_type::<TaskNotFoundError>())?;
-    m.add(
-        "MissingDependencyError",
-        py.get_type::<MissingDependencyError>(),
-    )?;
-    m.add(
-        "DependencyCycleError",
-        py.get_type::<DependencyCycleError>(),
-    )?;
+    m.add("MissingDependencyError", py.get_type::<MissingDependencyError>())?;
+    m.add("DependencyCycleError", py.get_type::<DependencyCycleError>())?;
     m.add("InvalidStateError", py.get_type::<InvalidStateError>())?;
     m.add("StaleTokenError", py.get_type::<StaleTokenError>())?;
     m.add("NotADatabaseError", py.get_type::<NotADatabaseError>())?;

@@ -22,27 +22,18 @@ pub struct EncodeError {
 
 impl EncodeError {
     fn new(path: &str, message: impl Into<String>) -> EncodeError {
-        EncodeError {
-            path: path.to_string(),
-            message: message.into(),
-        }
+        EncodeError { path: path.to_string(), message: message.into() }
     }
 }
 
 impl From<PyErr> for EncodeError {
     fn from(e: PyErr) -> EncodeError {
-        EncodeError {
-            path: String::new(),
-            message: e.to_string(),
-        }
+        EncodeError { path: String::new(), message: e.to_string() }
     }
 }
 
 fn type_name(v: &Bound<'_, PyAny>) -> String {
-    v.get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "?".into())
+    v.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
 }
 
 fn push_str(out: &mut String, s: &str) {
@@ -52,12 +43,7 @@ fn push_str(out: &mut String, s: &str) {
 }
 
 /// Appends the JSON text of `v` to `out`; `path` names where `v` sits, for error messages.
-pub fn encode(
-    v: &Bound<'_, PyAny>,
-    out: &mut String,
-    path: &mut String,
-    depth: usize,
-) -> Result<(), EncodeError> {
+pub fn encode(v: &Bound<'_, PyAny>, out: &mut String, path: &mut String, depth: usize) -> Result<(), EncodeError> {
     if depth > MAX_DEPTH {
         return Err(EncodeError::new(
             path,
@@ -88,16 +74,9 @@ pub fn encode(
     } else if let Ok(f) = v.cast::<PyFloat>() {
         let x = f.value();
         if !x.is_finite() {
-            return Err(EncodeError::new(
-                path,
-                format!("{x} is not allowed (JSON has no NaN or Infinity)"),
-            ));
+            return Err(EncodeError::new(path, format!("{x} is not allowed (JSON has no NaN or Infinity)")));
         }
-        out.push_str(
-            &serde_json::Number::from_f64(x)
-                .map(|n| n.to_string())
-                .unwrap_or_default(),
-        );
+        out.push_str(&serde_json::Number::from_f64(x).map(|n| n.to_string()).unwrap_or_default());
     } else if let Ok(d) = v.cast::<PyDict>() {
         out.push('{');
         for (n, (k, item)) in d.iter().enumerate() {
@@ -155,17 +134,11 @@ pub fn encode_value(v: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
 
 /// The stored argument text `{"args": [...], "kwargs": {...}}`; a refusal names the argument
 /// (`argument 0`, `keyword argument 'subject'`) and the path inside it.
-pub fn encode_args(
-    args: &Bound<'_, PyTuple>,
-    kwargs: Option<&Bound<'_, PyDict>>,
-) -> PyResult<String> {
+pub fn encode_args(args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<String> {
     let mut out = String::with_capacity(64);
     let mut path = String::new();
     let fail = |what: String, e: EncodeError| {
-        crate::errors::invalid(
-            "args",
-            format!("{what}{} cannot be enqueued: {}", e.path, e.message),
-        )
+        crate::errors::invalid("args", format!("{what}{} cannot be enqueued: {}", e.path, e.message))
     };
     out.push_str("{\"args\":[");
     for (n, item) in args.iter().enumerate() {
@@ -253,36 +226,24 @@ impl<'de, 'py> Visitor<'de> for PySeed<'py> {
 /// Parses JSON text into Python objects (dicts keep the stored key order).
 pub fn decode<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAny>> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let v = PySeed(py)
-        .deserialize(&mut de)
-        .map_err(|e| PyValueError::new_err(format!("invalid JSON: {e}")))?;
-    de.end()
-        .map_err(|e| PyValueError::new_err(format!("invalid JSON: {e}")))?;
+    let v = PySeed(py).deserialize(&mut de).map_err(|e| PyValueError::new_err(format!("invalid JSON: {e}")))?;
+    de.end().map_err(|e| PyValueError::new_err(format!("invalid JSON: {e}")))?;
     Ok(v)
 }
 
 /// The stored arguments as a call: (args tuple, kwargs dict).
-pub fn decode_args<'py>(
-    py: Python<'py>,
-    text: &str,
-) -> PyResult<(Bound<'py, PyTuple>, Bound<'py, PyDict>)> {
+pub fn decode_args<'py>(py: Python<'py>, text: &str) -> PyResult<(Bound<'py, PyTuple>, Bound<'py, PyDict>)> {
     let v = decode(py, text)?;
-    let d = v
-        .cast::<PyDict>()
-        .map_err(|_| PyValueError::new_err("stored arguments are not a JSON object"))?;
+    let d = v.cast::<PyDict>().map_err(|_| PyValueError::new_err("stored arguments are not a JSON object"))?;
     let args = match d.get_item("args")? {
         Some(a) => PyTuple::new(
             py,
-            a.cast::<PyList>()
-                .map_err(|_| PyValueError::new_err("stored \"args\" is not a list"))?
-                .iter(),
+            a.cast::<PyList>().map_err(|_| PyValueError::new_err("stored \"args\" is not a list"))?.iter(),
         )?,
         None => PyTuple::empty(py),
     };
     let kwargs = match d.get_item("kwargs")? {
-        Some(k) => k
-            .cast_into::<PyDict>()
-            .map_err(|_| PyValueError::new_err("stored \"kwargs\" is not an object"))?,
+        Some(k) => k.cast_into::<PyDict>().map_err(|_| PyValueError::new_err("stored \"kwargs\" is not an object"))?,
         None => PyDict::new(py),
     };
     Ok((args, kwargs))
@@ -303,9 +264,6 @@ pub fn decode_json<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAn
 /// `encode_args(args, kwargs)`: the stored argument text of a call.
 #[pyfunction]
 #[pyo3(name = "encode_args", signature = (args, kwargs=None))]
-pub fn encode_args_py(
-    args: &Bound<'_, PyTuple>,
-    kwargs: Option<&Bound<'_, PyDict>>,
-) -> PyResult<String> {
+pub fn encode_args_py(args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<String> {
     encode_args(args, kwargs)
 }

@@ -23,10 +23,7 @@ impl PyPidFile {
     #[new]
     fn new(path: PathBuf) -> PyResult<PyPidFile> {
         let held = PidFile::acquire(&path).map_err(to_py)?;
-        Ok(PyPidFile {
-            path,
-            held: Mutex::new(Some(held)),
-        })
+        Ok(PyPidFile { path, held: Mutex::new(Some(held)) })
     }
 
     #[getter]
@@ -43,9 +40,7 @@ impl PyPidFile {
 /// Parses an age like `90s`, `15m`, `12h`, `7d` or `2w` (a bare number is seconds) into seconds.
 #[pyfunction]
 pub fn parse_age(text: &str) -> PyResult<f64> {
-    admin::parse_age(text)
-        .map(|d| d.as_secs_f64())
-        .map_err(to_py)
+    admin::parse_age(text).map(|d| d.as_secs_f64()).map_err(to_py)
 }
 
 /// Shows `title` as this process's command line (ps, top), within the space the original command

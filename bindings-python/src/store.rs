@@ -9,24 +9,19 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use queue_dispatcher_core::{
-    self as core, admin, Config, DispatcherInfo, ErrorRecord, NewTask, QueueCounts, Runtime, State,
-    Store, Task, TaskFilter, TaskId,
+    self as core, admin, Config, DispatcherInfo, ErrorRecord, NewTask, QueueCounts, Runtime, State, Store, Task,
+    TaskFilter, TaskId,
 };
 
 use crate::errors::{invalid, to_py};
 use crate::json;
 
 /// One call of `Store.enqueue_many`: (template, args, kwargs).
-type Call<'py> = (
-    PyRef<'py, Template>,
-    Bound<'py, PyTuple>,
-    Option<Bound<'py, PyDict>>,
-);
+type Call<'py> = (PyRef<'py, Template>, Bound<'py, PyTuple>, Option<Bound<'py, PyDict>>);
 
 /// Seconds (float) → Duration, refusing negative, NaN and absurd values.
 pub fn seconds(field: &str, s: f64) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(s)
-        .map_err(|_| invalid(field, format!("{s} is not a number of seconds >= 0")))
+    Duration::try_from_secs_f64(s).map_err(|_| invalid(field, format!("{s} is not a number of seconds >= 0")))
 }
 
 #[pyclass(module = "queue_dispatcher._native", name = "Store", frozen)]
@@ -70,10 +65,7 @@ impl PyStore {
             config.busy_timeout = seconds("busy_timeout", t)?;
         }
         let store = py.detach(|| Store::open(&config)).map_err(to_py)?;
-        Ok(PyStore {
-            config,
-            inner: Mutex::new((std::process::id(), store)),
-        })
+        Ok(PyStore { config, inner: Mutex::new((std::process::id(), store)) })
     }
 
     /// The database file.
@@ -87,10 +79,7 @@ impl PyStore {
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        Ok(format!(
-            "<queue_dispatcher Store {}>",
-            self.get(py)?.describe()
-        ))
+        Ok(format!("<queue_dispatcher Store {}>", self.get(py)?.describe()))
     }
 
     /// Enqueues one call of `template` with these arguments; durable when this returns.
@@ -105,9 +94,7 @@ impl PyStore {
     ) -> PyResult<TaskId> {
         let task = template.build(json::encode_args(args, kwargs)?);
         let store = self.get(py)?;
-        py.detach(|| store.enqueue(task))
-            .map(|e| e.id)
-            .map_err(to_py)
+        py.detach(|| store.enqueue(task)).map(|e| e.id).map_err(to_py)
     }
 
     /// Enqueues many calls in one transaction: all become visible together, or none.
@@ -122,22 +109,14 @@ impl PyStore {
     }
 
     /// Adds dependencies to a task that is `new` and was never claimed.
-    fn add_dependencies(
-        &self,
-        py: Python<'_>,
-        task: TaskId,
-        depends_on: Vec<TaskId>,
-    ) -> PyResult<()> {
+    fn add_dependencies(&self, py: Python<'_>, task: TaskId, depends_on: Vec<TaskId>) -> PyResult<()> {
         let store = self.get(py)?;
-        py.detach(|| store.add_dependencies(task, &depends_on))
-            .map_err(to_py)
+        py.detach(|| store.add_dependencies(task, &depends_on)).map_err(to_py)
     }
 
     fn task(&self, py: Python<'_>, id: TaskId) -> PyResult<TaskRecord> {
         let store = self.get(py)?;
-        py.detach(|| store.task(id))
-            .map(TaskRecord::from)
-            .map_err(to_py)
+        py.detach(|| store.task(id)).map(TaskRecord::from).map_err(to_py)
     }
 
     /// Lists tasks. `queue=""` selects tasks without a queue; `meta` keys must equal the given
@@ -155,25 +134,15 @@ impl PyStore {
         offset: Option<u32>,
         descending: bool,
     ) -> PyResult<Vec<TaskRecord>> {
-        let mut filter = TaskFilter {
-            limit,
-            offset,
-            descending,
-            ..Default::default()
-        };
+        let mut filter = TaskFilter { limit, offset, descending, ..Default::default() };
         for s in states.unwrap_or_default() {
             filter.states.push(s.parse::<State>().map_err(to_py)?);
         }
         filter.queue = queue.map(|q| if q.is_empty() { None } else { Some(q) });
-        filter.runtime = runtime
-            .map(|r| r.parse::<Runtime>())
-            .transpose()
-            .map_err(to_py)?;
+        filter.runtime = runtime.map(|r| r.parse::<Runtime>()).transpose().map_err(to_py)?;
         if let Some(m) = meta {
             for (k, v) in m.iter() {
-                filter
-                    .meta
-                    .push((k.extract::<String>()?, json::encode_value(&v, "meta")?));
+                filter.meta.push((k.extract::<String>()?, json::encode_value(&v, "meta")?));
             }
         }
         let store = self.get(py)?;
@@ -183,31 +152,18 @@ impl PyStore {
 
     fn counts(&self, py: Python<'_>) -> PyResult<Vec<QueueCountsRecord>> {
         let store = self.get(py)?;
-        Ok(py
-            .detach(|| store.counts())
-            .map_err(to_py)?
-            .into_iter()
-            .map(QueueCountsRecord::from)
-            .collect())
+        Ok(py.detach(|| store.counts()).map_err(to_py)?.into_iter().map(QueueCountsRecord::from).collect())
     }
 
     fn dispatchers(&self, py: Python<'_>) -> PyResult<Vec<DispatcherRecord>> {
         let store = self.get(py)?;
-        Ok(py
-            .detach(|| store.dispatchers())
-            .map_err(to_py)?
-            .into_iter()
-            .map(DispatcherRecord::from)
-            .collect())
+        Ok(py.detach(|| store.dispatchers()).map_err(to_py)?.into_iter().map(DispatcherRecord::from).collect())
     }
 
     /// Is a dispatcher (of `runtime`, or of any runtime) heartbeating?
     #[pyo3(signature = (runtime=None))]
     fn dispatcher_alive(&self, py: Python<'_>, runtime: Option<&str>) -> PyResult<bool> {
-        let runtime = runtime
-            .map(|r| r.parse::<Runtime>())
-            .transpose()
-            .map_err(to_py)?;
+        let runtime = runtime.map(|r| r.parse::<Runtime>()).transpose().map_err(to_py)?;
         let store = self.get(py)?;
         py.detach(|| store.dispatcher_alive(runtime)).map_err(to_py)
     }
@@ -215,9 +171,7 @@ impl PyStore {
     /// Cancels a task; returns its state afterwards (`aborted`, or `running` with its flag raised).
     fn cancel(&self, py: Python<'_>, id: TaskId) -> PyResult<String> {
         let store = self.get(py)?;
-        py.detach(|| store.cancel(id))
-            .map(|s| s.as_str().to_string())
-            .map_err(to_py)
+        py.detach(|| store.cancel(id)).map(|s| s.as_str().to_string()).map_err(to_py)
     }
 
     /// Aborts everything unfinished; returns how many tasks were affected.
@@ -248,16 +202,11 @@ impl PyStore {
     /// The GIL is released while waiting, in short slices so signals (Ctrl-C) are handled.
     #[pyo3(signature = (id, timeout=None))]
     fn wait(&self, py: Python<'_>, id: TaskId, timeout: Option<f64>) -> PyResult<TaskRecord> {
-        let deadline = timeout
-            .map(|t| seconds("timeout", t))
-            .transpose()?
-            .map(|t| Instant::now() + t);
+        let deadline = timeout.map(|t| seconds("timeout", t)).transpose()?.map(|t| Instant::now() + t);
         let store = self.get(py)?;
         loop {
             let slice = match deadline {
-                Some(d) => d
-                    .saturating_duration_since(Instant::now())
-                    .min(Duration::from_millis(100)),
+                Some(d) => d.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)),
                 None => Duration::from_millis(100),
             };
             let task = py.detach(|| store.wait(id, Some(slice))).map_err(to_py)?;
@@ -271,12 +220,8 @@ impl PyStore {
     /// Opens a batch on this thread (see `queue_dispatcher.batch()`).
     fn begin_batch(&self, py: Python<'_>) -> PyResult<Batch> {
         let store = self.get(py)?;
-        let batch = py
-            .detach(|| store.begin_batch().map(SendBatch))
-            .map_err(to_py)?;
-        Ok(Batch {
-            inner: Some(batch.0),
-        })
+        let batch = py.detach(|| store.begin_batch().map(SendBatch)).map_err(to_py)?;
+        Ok(Batch { inner: Some(batch.0) })
     }
 
     /// The human-readable status report (dispatchers, per-queue counts, running tasks).
@@ -384,10 +329,7 @@ impl Template {
         }
         task.run_at = run_at;
         task.unique_key = unique_key;
-        task.meta = meta
-            .filter(|m| !m.is_none())
-            .map(|m| json::encode_value(m, "meta"))
-            .transpose()?;
+        task.meta = meta.filter(|m| !m.is_none()).map(|m| json::encode_value(m, "meta")).transpose()?;
         task.depends_on = depends_on;
         let delay = delay.map(|d| seconds("delay", d)).transpose()?;
         Ok(Template { task, delay })
@@ -409,21 +351,12 @@ impl Template {
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "<Template {} queue={:?} priority={}>",
-            self.task.target, self.task.queue, self.task.priority
-        )
+        format!("<Template {} queue={:?} priority={}>", self.task.target, self.task.queue, self.task.priority)
     }
 }
 
 /// A stored failure: exception class, message and backtrace lines.
-#[pyclass(
-    module = "queue_dispatcher._native",
-    name = "ErrorInfo",
-    frozen,
-    get_all,
-    eq
-)]
+#[pyclass(module = "queue_dispatcher._native", name = "ErrorInfo", frozen, get_all, eq)]
 #[derive(Clone, PartialEq)]
 pub struct ErrorInfo {
     pub class_name: String,
@@ -433,11 +366,7 @@ pub struct ErrorInfo {
 
 impl From<ErrorRecord> for ErrorInfo {
     fn from(e: ErrorRecord) -> Self {
-        ErrorInfo {
-            class_name: e.class,
-            message: e.message,
-            backtrace: e.backtrace,
-        }
+        ErrorInfo { class_name: e.class, message: e.message, backtrace: e.backtrace }
     }
 }
 
@@ -449,12 +378,7 @@ impl ErrorInfo {
 }
 
 /// One stored task as last read. Times are integer microseconds since the epoch (UTC).
-#[pyclass(
-    module = "queue_dispatcher._native",
-    name = "TaskRecord",
-    frozen,
-    get_all
-)]
+#[pyclass(module = "queue_dispatcher._native", name = "TaskRecord", frozen, get_all)]
 #[derive(Clone)]
 pub struct TaskRecord {
     pub id: TaskId,
@@ -527,12 +451,7 @@ impl TaskRecord {
 
 /// Counts of one queue (`queue` None: tasks without a queue), per state; `waiting` is the part
 /// of `new` whose dependencies or run_at are not met yet.
-#[pyclass(
-    module = "queue_dispatcher._native",
-    name = "QueueCounts",
-    frozen,
-    get_all
-)]
+#[pyclass(module = "queue_dispatcher._native", name = "QueueCounts", frozen, get_all)]
 #[derive(Clone)]
 pub struct QueueCountsRecord {
     pub queue: Option<String>,
@@ -565,24 +484,13 @@ impl QueueCountsRecord {
     fn __repr__(&self) -> String {
         format!(
             "<QueueCounts {:?} new={} waiting={} running={} successful={} error={} aborted={}>",
-            self.queue,
-            self.new,
-            self.waiting,
-            self.running,
-            self.successful,
-            self.error,
-            self.aborted
+            self.queue, self.new, self.waiting, self.running, self.successful, self.error, self.aborted
         )
     }
 }
 
 /// A dispatcher's heartbeat row.
-#[pyclass(
-    module = "queue_dispatcher._native",
-    name = "DispatcherInfo",
-    frozen,
-    get_all
-)]
+#[pyclass(module = "queue_dispatcher._native", name = "DispatcherInfo", frozen, get_all)]
 #[derive(Clone)]
 pub struct DispatcherRecord {
     pub id: i64,
@@ -619,10 +527,7 @@ impl From<DispatcherInfo> for DispatcherRecord {
 #[pymethods]
 impl DispatcherRecord {
     fn __repr__(&self) -> String {
-        format!(
-            "<DispatcherInfo {} {} pid={} alive={}>",
-            self.id, self.name, self.pid, self.alive
-        )
+        format!("<DispatcherInfo {} {} pid={} alive={}>", self.id, self.name, self.pid, self.alive)
     }
 }
 
@@ -660,10 +565,7 @@ pub fn _core_drain_rate(py: Python<'_>, db: &str, n: usize, workers: usize) -> P
         cfg.workers = workers;
         let d = Dispatcher::start(&store, cfg)?;
         let left = AtomicUsize::new(n);
-        let take = || {
-            left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| l.checked_sub(1))
-                .is_ok()
-        };
+        let take = || left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| l.checked_sub(1)).is_ok();
         let start = Instant::now();
         std::thread::scope(|s| {
             for _ in 0..workers {

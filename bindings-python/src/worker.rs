@@ -17,8 +17,8 @@ use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use queue_dispatcher_core::{
-    CancelReason, ClaimKind, Claimed, Dispatcher, DispatcherConfig, Error as CoreError,
-    ErrorRecord, Outcome, QueueSelection, Runtime, Settled, Worker,
+    CancelReason, ClaimKind, Claimed, Dispatcher, DispatcherConfig, Error as CoreError, ErrorRecord, Outcome,
+    QueueSelection, Runtime, Settled, Worker,
 };
 
 use crate::errors::{invalid, to_py};
@@ -31,12 +31,7 @@ const WARNING: i32 = 30;
 const ERROR: i32 = 40;
 
 /// A registered task: what a target name in the registry resolves to.
-#[pyclass(
-    module = "queue_dispatcher._native",
-    name = "Registered",
-    frozen,
-    get_all
-)]
+#[pyclass(module = "queue_dispatcher._native", name = "Registered", frozen, get_all)]
 pub struct Registered {
     pub name: String,
     pub func: Py<PyAny>,
@@ -55,12 +50,7 @@ impl Registered {
         on_error: Option<Py<PyAny>>,
     ) -> PyResult<Registered> {
         queue_dispatcher_core::target::validate(Runtime::Python, &name).map_err(to_py)?;
-        Ok(Registered {
-            name,
-            func,
-            on_success,
-            on_error,
-        })
+        Ok(Registered { name, func, on_success, on_error })
     }
 
     fn __repr__(&self) -> String {
@@ -135,16 +125,11 @@ impl RunningTask {
         if msg.is_none() && perc_finished.is_none() {
             return Ok(());
         }
-        self.worker
-            .progress(&self.claimed, msg, perc_finished)
-            .map_err(to_py)
+        self.worker.progress(&self.claimed, msg, perc_finished).map_err(to_py)
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "<RunningTask {} {}>",
-            self.claimed.task.id, self.claimed.task.target
-        )
+        format!("<RunningTask {} {}>", self.claimed.task.id, self.claimed.task.target)
     }
 }
 
@@ -152,10 +137,7 @@ impl RunningTask {
 #[pyfunction]
 pub fn current_task() -> Option<RunningTask> {
     CURRENT.with(|c| {
-        c.borrow().as_ref().map(|cur| RunningTask {
-            worker: cur.worker.clone(),
-            claimed: cur.claimed.clone(),
-        })
+        c.borrow().as_ref().map(|cur| RunningTask { worker: cur.worker.clone(), claimed: cur.claimed.clone() })
     })
 }
 
@@ -164,12 +146,7 @@ struct CurrentGuard;
 
 impl CurrentGuard {
     fn set(worker: &Arc<Worker>, claimed: &Arc<Claimed>) -> CurrentGuard {
-        CURRENT.with(|c| {
-            *c.borrow_mut() = Some(Current {
-                worker: worker.clone(),
-                claimed: claimed.clone(),
-            })
-        });
+        CURRENT.with(|c| *c.borrow_mut() = Some(Current { worker: worker.clone(), claimed: claimed.clone() }));
         CurrentGuard
     }
 }
@@ -197,11 +174,7 @@ struct Shared {
 
 impl Shared {
     fn log_enabled(&self, py: Python<'_>, level: i32) -> bool {
-        self.logger
-            .bind(py)
-            .call_method1("isEnabledFor", (level,))
-            .and_then(|v| v.is_truthy())
-            .unwrap_or(false)
+        self.logger.bind(py).call_method1("isEnabledFor", (level,)).and_then(|v| v.is_truthy()).unwrap_or(false)
     }
 
     fn log(&self, py: Python<'_>, level: i32, task_id: Option<i64>, msg: String) {
@@ -212,10 +185,7 @@ impl Shared {
         }
         let kwargs = PyDict::new(py);
         let _ = kwargs.set_item("extra", extra);
-        if logger
-            .call_method("log", (level, PyString::new(py, &msg)), Some(&kwargs))
-            .is_err()
-        {
+        if logger.call_method("log", (level, PyString::new(py, &msg)), Some(&kwargs)).is_err() {
             // A broken logging setup must not take a worker down.
             PyErr::take(py);
         }
@@ -225,18 +195,12 @@ impl Shared {
     fn error_record(&self, py: Python<'_>, err: &PyErr) -> ErrorRecord {
         let value = err.value(py);
         let ty = value.get_type();
-        let qualname = ty
-            .qualname()
-            .map(|s| s.to_string())
-            .unwrap_or_else(|_| "Exception".into());
+        let qualname = ty.qualname().map(|s| s.to_string()).unwrap_or_else(|_| "Exception".into());
         let class = match ty.module().map(|m| m.to_string()) {
             Ok(m) if m != "builtins" => format!("{m}.{qualname}"),
             _ => qualname,
         };
-        let message = value
-            .str()
-            .map(|s| s.to_string())
-            .unwrap_or_else(|_| "<unprintable exception>".into());
+        let message = value.str().map(|s| s.to_string()).unwrap_or_else(|_| "<unprintable exception>".into());
         let backtrace = self
             .format_exception
             .bind(py)
@@ -244,11 +208,7 @@ impl Shared {
             .and_then(|lines| lines.extract::<Vec<String>>())
             .map(|lines| lines.concat().lines().map(String::from).collect())
             .unwrap_or_default();
-        ErrorRecord {
-            class,
-            message,
-            backtrace,
-        }
+        ErrorRecord { class, message, backtrace }
     }
 }
 
@@ -292,10 +252,7 @@ fn execute(py: Python<'_>, shared: &Shared, worker: &Arc<Worker>, claimed: &Arc<
         }
     };
     let Ok(reg) = entry.cast::<Registered>() else {
-        let message = format!(
-            "registry entry for {:?} is not a queue_dispatcher registration",
-            task.target
-        );
+        let message = format!("registry entry for {:?} is not a queue_dispatcher registration", task.target);
         return Ran {
             outcome: Outcome::Failure(ErrorRecord::new("UnregisteredTask", message)),
             callbacks: false,
@@ -325,23 +282,24 @@ fn execute(py: Python<'_>, shared: &Shared, worker: &Arc<Worker>, claimed: &Arc<
         Ok(value) => match json::encode_value(&value, "result") {
             Ok(text) => Outcome::Success(text),
             Err(e) => {
-                let text = value
-                    .repr()
-                    .map(|r| r.to_string())
-                    .unwrap_or_else(|_| "<unrepresentable>".into());
-                shared.log(py, WARNING, Some(task.id), format!(
-                    "task {} {}: the result cannot be stored as JSON ({}); stored as its text {text:?}", task.id, task.target, e.value(py)
-                ));
+                let text = value.repr().map(|r| r.to_string()).unwrap_or_else(|_| "<unrepresentable>".into());
+                shared.log(
+                    py,
+                    WARNING,
+                    Some(task.id),
+                    format!(
+                        "task {} {}: the result cannot be stored as JSON ({}); stored as its text {text:?}",
+                        task.id,
+                        task.target,
+                        e.value(py)
+                    ),
+                );
                 Outcome::Success(serde_json::to_string(&text).unwrap_or_default())
             }
         },
         Err(err) => Outcome::Failure(shared.error_record(py, &err)),
     };
-    Ran {
-        outcome,
-        callbacks,
-        log_debug,
-    }
+    Ran { outcome, callbacks, log_debug }
 }
 
 /// Runs on_success / on_error of the task's registration, if any; a failing callback is logged
@@ -354,19 +312,11 @@ fn run_callback(py: Python<'_>, shared: &Shared, task_id: i64, target: &str, suc
         return;
     };
     let reg = reg.get();
-    let Some(cb) = (if success {
-        &reg.on_success
-    } else {
-        &reg.on_error
-    }) else {
+    let Some(cb) = (if success { &reg.on_success } else { &reg.on_error }) else {
         return;
     };
     let which = if success { "on_success" } else { "on_error" };
-    let res = shared
-        .task_factory
-        .bind(py)
-        .call1((task_id,))
-        .and_then(|t| cb.bind(py).call1((t,)));
+    let res = shared.task_factory.bind(py).call1((task_id,)).and_then(|t| cb.bind(py).call1((t,)));
     if let Err(e) = res {
         let rec = shared.error_record(py, &e);
         shared.log(
@@ -396,12 +346,7 @@ fn log_settled(
     match settled {
         Ok(Settled::Successful) => {
             if log_debug {
-                shared.log(
-                    py,
-                    DEBUG,
-                    Some(t.id),
-                    format!("task {} {} successful in {ms:.1} ms", t.id, t.target),
-                );
+                shared.log(py, DEBUG, Some(t.id), format!("task {} {} successful in {ms:.1} ms", t.id, t.target));
             }
         }
         Ok(Settled::Retrying { run_at, error }) => {
@@ -426,10 +371,7 @@ fn log_settled(
                 py,
                 ERROR,
                 Some(t.id),
-                format!(
-                    "task {} {} failed after {ms:.1} ms: {}: {}",
-                    t.id, t.target, e.class, e.message
-                ),
+                format!("task {} {} failed after {ms:.1} ms: {}: {}", t.id, t.target, e.class, e.message),
             );
         }
         Ok(Settled::Aborted(e)) => {
@@ -437,27 +379,14 @@ fn log_settled(
                 py,
                 WARNING,
                 Some(t.id),
-                format!(
-                    "task {} {} aborted: {}: {}",
-                    t.id, t.target, e.class, e.message
-                ),
+                format!("task {} {} aborted: {}: {}", t.id, t.target, e.class, e.message),
             );
         }
         Ok(Settled::Released) => {
-            shared.log(
-                py,
-                INFO,
-                Some(t.id),
-                format!("task {} {} handed back unstarted", t.id, t.target),
-            );
+            shared.log(py, INFO, Some(t.id), format!("task {} {} handed back unstarted", t.id, t.target));
         }
         Err(e) => {
-            shared.log(
-                py,
-                ERROR,
-                Some(t.id),
-                format!("task {} {}: outcome not stored: {e}", t.id, t.target),
-            );
+            shared.log(py, ERROR, Some(t.id), format!("task {} {}: outcome not stored: {e}", t.id, t.target));
         }
     }
 }
@@ -497,11 +426,7 @@ fn worker_loop(shared: &Arc<Shared>, worker: &Arc<Worker>) {
                 }
                 Err(CoreError::Stopped) => return,
                 Err(e) => {
-                    if Python::try_attach(|py| {
-                        shared.log(py, ERROR, None, format!("claim failed: {e}"))
-                    })
-                    .is_none()
-                    {
+                    if Python::try_attach(|py| shared.log(py, ERROR, None, format!("claim failed: {e}"))).is_none() {
                         return;
                     }
                     std::thread::sleep(Duration::from_millis(200));
@@ -514,11 +439,7 @@ fn worker_loop(shared: &Arc<Shared>, worker: &Arc<Worker>) {
         if claimed.kind == ClaimKind::OnError {
             // The task ended without running (failed dependency, cancel, reset, lost): its
             // on_error callback is owed by a worker of its runtime.
-            if Python::try_attach(|py| {
-                run_callback(py, shared, task_id, &claimed.task.target, false)
-            })
-            .is_none()
-            {
+            if Python::try_attach(|py| run_callback(py, shared, task_id, &claimed.task.target, false)).is_none() {
                 return;
             }
             continue;
@@ -536,15 +457,12 @@ fn worker_loop(shared: &Arc<Shared>, worker: &Arc<Worker>) {
         } else {
             // No callbacks to run in between: store the outcome and claim the next task in
             // one transaction.
-            let (settled, n) =
-                worker.complete_and_claim(&claimed, ran.outcome, Some(Duration::from_secs(1)));
+            let (settled, n) = worker.complete_and_claim(&claimed, ran.outcome, Some(Duration::from_secs(1)));
             next = match n {
                 Ok(c) => c,
                 Err(CoreError::Stopped) => None,
                 Err(e) => {
-                    let _ = Python::try_attach(|py| {
-                        shared.log(py, ERROR, None, format!("claim failed: {e}"))
-                    });
+                    let _ = Python::try_attach(|py| shared.log(py, ERROR, None, format!("claim failed: {e}")));
                     None
                 }
             };
@@ -556,17 +474,14 @@ fn worker_loop(shared: &Arc<Shared>, worker: &Arc<Worker>) {
         if !plain_success {
             shared.failed.fetch_add(1, Ordering::AcqRel);
         }
-        let needs_python = ran.log_debug
-            || !plain_success
-            || (ran.callbacks && settled.as_ref().is_ok_and(Settled::is_terminal));
+        let needs_python =
+            ran.log_debug || !plain_success || (ran.callbacks && settled.as_ref().is_ok_and(Settled::is_terminal));
         if needs_python {
             let attached = Python::try_attach(|py| {
                 log_settled(py, shared, &claimed, &settled, started, ran.log_debug);
                 if ran.callbacks {
                     match &settled {
-                        Ok(Settled::Successful) => {
-                            run_callback(py, shared, task_id, &claimed.task.target, true)
-                        }
+                        Ok(Settled::Successful) => run_callback(py, shared, task_id, &claimed.task.target, true),
                         Ok(Settled::Failed(_) | Settled::Aborted(_)) => {
                             run_callback(py, shared, task_id, &claimed.task.target, false)
                         }
@@ -624,10 +539,7 @@ impl WorkerPool {
         let mut cfg = DispatcherConfig::new(Runtime::Python);
         cfg.name = name;
         cfg.workers = workers;
-        cfg.queues = QueueSelection {
-            named: queues,
-            parallel,
-        };
+        cfg.queues = QueueSelection { named: queues, parallel };
         cfg.lease = seconds("lease", lease)?;
         cfg.heartbeat = seconds("heartbeat", heartbeat)?;
         cfg.max_lost = max_lost;
@@ -639,14 +551,9 @@ impl WorkerPool {
         if let Some(k) = keep_failed {
             cfg.keep_failed = seconds("keep_failed", k)?;
         }
-        let format_exception = py
-            .import("traceback")?
-            .getattr("format_exception")?
-            .unbind();
+        let format_exception = py.import("traceback")?.getattr("format_exception")?.unbind();
         let engine = store.get(py)?;
-        let dispatcher = py
-            .detach(|| Dispatcher::start(&engine, cfg))
-            .map_err(to_py)?;
+        let dispatcher = py.detach(|| Dispatcher::start(&engine, cfg)).map_err(to_py)?;
         let shared = Arc::new(Shared {
             registry,
             task_factory,
@@ -663,18 +570,15 @@ impl WorkerPool {
         for n in 0..workers {
             let w = dispatcher.worker();
             let s = shared.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("qd-py-worker-{n}"))
-                .spawn(move || worker_thread(s, w));
+            let spawned =
+                std::thread::Builder::new().name(format!("qd-py-worker-{n}")).spawn(move || worker_thread(s, w));
             match spawned {
                 Ok(h) => threads.push(h),
                 Err(e) => {
                     *shared.alive.lock() -= workers - n;
                     shared.stopping.store(true, Ordering::Release);
                     dispatcher.stop_claiming();
-                    return Err(to_py(CoreError::Storage {
-                        message: format!("cannot start worker thread: {e}"),
-                    }));
+                    return Err(to_py(CoreError::Storage { message: format!("cannot start worker thread: {e}") }));
                 }
             }
         }
@@ -738,10 +642,7 @@ impl WorkerPool {
         if self.inherited() {
             return Ok(false);
         }
-        let deadline = timeout
-            .map(|t| seconds("timeout", t))
-            .transpose()?
-            .map(|t| Instant::now() + t);
+        let deadline = timeout.map(|t| seconds("timeout", t)).transpose()?.map(|t| Instant::now() + t);
         loop {
             let slice_end = Instant::now() + Duration::from_millis(50);
             let end = deadline.map_or(slice_end, |d| d.min(slice_end));
@@ -781,8 +682,7 @@ impl WorkerPool {
         }
         self.stop_claiming();
         let all_exited = self.wait(py, Some(grace))?;
-        py.detach(|| self.dispatcher.shutdown(Duration::ZERO))
-            .map_err(to_py)?;
+        py.detach(|| self.dispatcher.shutdown(Duration::ZERO)).map_err(to_py)?;
         Ok(all_exited)
     }
 }

@@ -8,7 +8,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use magnus::Error;
-use queue_dispatcher_core::{admin, target, Config, Dispatcher, DispatcherConfig, NewTask, Outcome, PidFile, Runtime, Store};
+use queue_dispatcher_core::{
+    admin, target, Config, Dispatcher, DispatcherConfig, NewTask, Outcome, PidFile, Runtime, Store,
+};
 use rusqlite::Connection;
 
 use crate::errors::{invalid, IntoRb};
@@ -118,7 +120,8 @@ pub fn bench_core_drain(path: String, workers: usize) -> Result<f64, Error> {
                         let mut next = w.claim(Some(idle)).ok().flatten();
                         while let Some(c) = next {
                             done.fetch_add(1, Ordering::Relaxed);
-                            next = w.complete_and_claim(&c, Outcome::Success("null".into()), Some(idle)).1.ok().flatten();
+                            next =
+                                w.complete_and_claim(&c, Outcome::Success("null".into()), Some(idle)).1.ok().flatten();
                         }
                     });
                 }

@@ -20,8 +20,7 @@ use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 use queue_dispatcher_core::{
-    clock, Claimed, Config, Dispatcher, DispatcherConfig, NewTask, Outcome, Runtime, Store,
-    Synchronous, Worker,
+    clock, Claimed, Config, Dispatcher, DispatcherConfig, NewTask, Outcome, Runtime, Store, Synchronous, Worker,
 };
 use rusqlite::Connection;
 use serde_json::{json, Value};
@@ -89,19 +88,10 @@ fn main() {
     let filter = std::env::var("BENCH_FILTER").unwrap_or_default();
     let wanted = |names: &[&str]| names.iter().any(|n| n.contains(filter.as_str()));
 
-    if wanted(&[
-        "sqlite_insert_tx",
-        "sqlite_insert_tx_full",
-        "core_enqueue",
-        "core_enqueue_full",
-    ]) {
+    if wanted(&["sqlite_insert_tx", "sqlite_insert_tx_full", "core_enqueue", "core_enqueue_full"]) {
         insert_figures(&plan);
     }
-    if wanted(&[
-        "core_claim_complete_2t",
-        "core_claim_complete_2t_backlog",
-        "core_claim_complete_2t_queued",
-    ]) {
+    if wanted(&["core_claim_complete_2t", "core_claim_complete_2t_backlog", "core_claim_complete_2t_queued"]) {
         drain_figures(&plan);
     }
     if wanted(&["core_idle_cpu_pct"]) {
@@ -117,10 +107,7 @@ fn main() {
         report_latency("core_latency", &latency_in_process(plan.latency_samples));
     }
     if wanted(&["core_latency_xproc_p50_ms", "core_latency_xproc_p99_ms"]) {
-        report_latency(
-            "core_latency_xproc",
-            &latency_cross_process(plan.latency_samples),
-        );
+        report_latency("core_latency_xproc", &latency_cross_process(plan.latency_samples));
     }
 }
 
@@ -128,10 +115,9 @@ fn main() {
 // Enqueue vs raw SQLite
 
 fn insert_figures(plan: &Plan) {
-    for (sync, n, suffix) in [
-        (Synchronous::Normal, plan.inserts_normal, ""),
-        (Synchronous::Full, plan.inserts_full, "_full"),
-    ] {
+    for (sync, n, suffix) in
+        [(Synchronous::Normal, plan.inserts_normal, ""), (Synchronous::Full, plan.inserts_full, "_full")]
+    {
         let mut baseline = Vec::new();
         let mut no_checkpoint = Vec::new();
         let mut core = Vec::new();
@@ -179,9 +165,7 @@ fn sqlite_insert_tx(sync: Synchronous, n: usize, autocheckpoint: bool) -> f64 {
     let dir = tempdir();
     let cfg = Config::new(dir.path().join("baseline.db"));
     let conn = Connection::open(&cfg.path).expect("open baseline database");
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .expect("WAL mode");
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).expect("WAL mode");
     assert_eq!(mode, "wal");
     conn.execute_batch(&format!(
         "PRAGMA synchronous = {};
@@ -198,9 +182,7 @@ fn sqlite_insert_tx(sync: Synchronous, n: usize, autocheckpoint: bool) -> f64 {
     .expect("configure baseline database");
     let payload = args_json();
     let mut begin = conn.prepare("BEGIN IMMEDIATE").expect("prepare");
-    let mut insert = conn
-        .prepare("INSERT INTO t (payload) VALUES (?1)")
-        .expect("prepare");
+    let mut insert = conn.prepare("INSERT INTO t (payload) VALUES (?1)").expect("prepare");
     let mut commit = conn.prepare("COMMIT").expect("prepare");
     let mut tx = || {
         begin.execute([]).expect("begin");
@@ -308,18 +290,14 @@ fn enqueue_parallel(store: &Store, n: usize) {
 /// dispatcher under test never claims), then `parallel` ready tasks, then 100 serial queues of
 /// 100 tasks, enqueued round-robin.
 fn fill_backlog(store: &Store, parallel: usize) {
-    let blocker = store
-        .enqueue(NewTask::new(Runtime::Ruby, "Bench.block"))
-        .expect("enqueue blocker")
-        .id;
+    let blocker = store.enqueue(NewTask::new(Runtime::Ruby, "Bench.block")).expect("enqueue blocker").id;
     let blocked = NewTask::new(Runtime::Python, TARGET).depends_on([blocker]);
     for chunk in vec![blocked; BLOCKED].chunks(5_000) {
         store.enqueue_many(chunk).expect("enqueue_many");
     }
     enqueue_parallel(store, parallel);
-    let queued: Vec<NewTask> = (0..QUEUED)
-        .map(|i| NewTask::new(Runtime::Python, TARGET).queue(format!("q{}", i % QUEUES)))
-        .collect();
+    let queued: Vec<NewTask> =
+        (0..QUEUED).map(|i| NewTask::new(Runtime::Python, TARGET).queue(format!("q{}", i % QUEUES))).collect();
     for chunk in queued.chunks(5_000) {
         store.enqueue_many(chunk).expect("enqueue_many");
     }
@@ -340,11 +318,7 @@ struct Counter {
 
 impl Counter {
     fn new(expected: usize) -> Counter {
-        Counter {
-            expected,
-            done: AtomicUsize::new(0),
-            finished_at: OnceLock::new(),
-        }
+        Counter { expected, done: AtomicUsize::new(0), finished_at: OnceLock::new() }
     }
 
     fn add(&self) {
@@ -370,11 +344,7 @@ struct Tally {
 
 impl Tally {
     fn reserve(&self) -> bool {
-        self.reserved
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
-                (r < self.total).then_some(r + 1)
-            })
-            .is_ok()
+        self.reserved.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| (r < self.total).then_some(r + 1)).is_ok()
     }
 
     fn completed(&self, c: &Claimed) {
@@ -407,17 +377,12 @@ fn drain(store: &Store, parallel: usize, queued: usize) -> Drained {
     });
     d.shutdown(Duration::from_secs(1)).expect("shutdown");
     let parallel_end = tally.parallel.finished_at(start);
-    Drained {
-        parallel: parallel_end - start,
-        queued: tally.queued.finished_at(parallel_end) - parallel_end,
-    }
+    Drained { parallel: parallel_end - start, queued: tally.queued.finished_at(parallel_end) - parallel_end }
 }
 
 fn drain_worker(w: &Worker, tally: &Tally) {
     let claim = |c: Option<Claimed>| c.expect("a reserved task within the claim timeout");
-    let mut current = tally
-        .reserve()
-        .then(|| claim(w.claim(Some(CLAIM_WAIT)).expect("claim")));
+    let mut current = tally.reserve().then(|| claim(w.claim(Some(CLAIM_WAIT)).expect("claim")));
     while let Some(c) = current {
         current = if tally.reserve() {
             let (settled, next) = w.complete_and_claim(&c, success(), Some(CLAIM_WAIT));
@@ -450,12 +415,7 @@ fn idle_cpu_pct(window: Duration) -> f64 {
     let workers: Vec<Worker> = (0..IDLE_WORKERS).map(|_| d.worker()).collect();
     let pct = std::thread::scope(|s| {
         for w in &workers {
-            s.spawn(move || {
-                assert!(
-                    w.claim(None).expect("claim").is_none(),
-                    "nothing was enqueued"
-                )
-            });
+            s.spawn(move || assert!(w.claim(None).expect("claim").is_none(), "nothing was enqueued"));
         }
         // Let startup (registration, first heartbeat, first empty claims) pass.
         std::thread::sleep(Duration::from_millis(500));
@@ -478,9 +438,7 @@ fn process_cpu() -> Duration {
         assert_eq!(libc::getrusage(libc::RUSAGE_SELF, &mut ru), 0, "getrusage");
         ru
     };
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
@@ -490,10 +448,7 @@ fn process_cpu() -> Duration {
 /// A task whose args carry the enqueuer's `clock::mono_micros()` (CLOCK_BOOTTIME, comparable
 /// across processes), read just before the enqueue.
 fn stamped_task() -> NewTask {
-    NewTask::new(Runtime::Python, TARGET).args(format!(
-        r#"{{"args":[{}],"kwargs":{{}}}}"#,
-        clock::mono_micros()
-    ))
+    NewTask::new(Runtime::Python, TARGET).args(format!(r#"{{"args":[{}],"kwargs":{{}}}}"#, clock::mono_micros()))
 }
 
 fn latency_in_process(samples: usize) -> Vec<f64> {
@@ -515,15 +470,10 @@ fn latency_cross_process(samples: usize) -> Vec<f64> {
         .expect("spawn enqueuer process");
     let mut to_child = child.stdin.take().expect("child stdin");
     let lat = measure_latency(&store, samples, || {
-        writeln!(to_child, "enqueue")
-            .and_then(|()| to_child.flush())
-            .expect("signal enqueuer");
+        writeln!(to_child, "enqueue").and_then(|()| to_child.flush()).expect("signal enqueuer");
     });
     drop(to_child);
-    assert!(
-        child.wait().expect("wait for enqueuer").success(),
-        "enqueuer process failed"
-    );
+    assert!(child.wait().expect("wait for enqueuer").success(), "enqueuer process failed");
     lat
 }
 
@@ -583,12 +533,7 @@ fn report_latency(prefix: &str, samples_ms: &[f64]) {
     for (p, name) in [(50, "p50"), (99, "p99")] {
         // Nearest rank.
         let idx = (v.len() * p).div_ceil(100).saturating_sub(1);
-        report(
-            &format!("{prefix}_{name}_ms"),
-            rounded(v[idx], 3),
-            "ms",
-            json!({"samples": v.len()}),
-        );
+        report(&format!("{prefix}_{name}_ms"), rounded(v[idx], 3), "ms", json!({"samples": v.len()}));
     }
 }
 
@@ -615,10 +560,8 @@ fn fresh_store(sync: Synchronous) -> (tempfile::TempDir, Store) {
 /// not pay for the engine's background checkpoint of them.
 fn checkpoint(dir: &Path) {
     let conn = Connection::open(db_path(dir)).expect("open for checkpoint");
-    conn.busy_timeout(Duration::from_secs(5))
-        .expect("busy_timeout");
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        .expect("checkpoint");
+    conn.busy_timeout(Duration::from_secs(5)).expect("busy_timeout");
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).expect("checkpoint");
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -643,11 +586,7 @@ fn rounded(v: f64, decimals: i32) -> Value {
 
 /// Prints one figure as a JSON line, its name, value and unit first, then `extra`'s keys.
 fn report(bench: &str, value: Value, unit: &str, extra: Value) {
-    let mut line = format!(
-        r#"{{"bench":{},"value":{value},"unit":{}"#,
-        json!(bench),
-        json!(unit)
-    );
+    let mut line = format!(r#"{{"bench":{},"value":{value},"unit":{}"#, json!(bench), json!(unit));
     for (k, v) in extra.as_object().into_iter().flatten() {
         line += &format!(",{}:{v}", json!(k));
     }

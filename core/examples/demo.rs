@@ -29,7 +29,13 @@ fn main() -> Result<()> {
     let store = Store::open(&Config::new(dir.join("demo.db")))?;
     let task = |f: &str| NewTask::new(Runtime::Python, format!("demo.jobs:{f}"));
 
-    let mail: Vec<TaskId> = (0..3).map(|i| store.enqueue(task("send_mail").queue("mail").args(format!(r#"{{"args":["user{i}@example.com"]}}"#))).map(|e| e.id)).collect::<Result<_>>()?;
+    let mail: Vec<TaskId> = (0..3)
+        .map(|i| {
+            store
+                .enqueue(task("send_mail").queue("mail").args(format!(r#"{{"args":["user{i}@example.com"]}}"#)))
+                .map(|e| e.id)
+        })
+        .collect::<Result<_>>()?;
     let resize: Vec<TaskId> = (0..3).map(|_| store.enqueue(task("resize")).map(|e| e.id)).collect::<Result<_>>()?;
     let import = store.enqueue(task("flaky_import").queue("import").retries(1))?.id;
     let report = store.enqueue(task("send_mail").queue("reports").depends_on([import, mail[2]]))?.id;
@@ -51,18 +57,33 @@ fn main() -> Result<()> {
                 };
                 let t = started.elapsed().as_secs_f64();
                 match c.kind {
-                    ClaimKind::OnError => println!("{t:6.2}s worker {n}: on_error of task {} ({})", c.task.id, c.task.error.as_ref().map_or("", |e| &e.message)),
+                    ClaimKind::OnError => println!(
+                        "{t:6.2}s worker {n}: on_error of task {} ({})",
+                        c.task.id,
+                        c.task.error.as_ref().map_or("", |e| &e.message)
+                    ),
                     ClaimKind::Run => {
-                        println!("{t:6.2}s worker {n}: start task {} {} queue={}", c.task.id, c.task.target, c.task.queue.as_deref().unwrap_or("-"));
+                        println!(
+                            "{t:6.2}s worker {n}: start task {} {} queue={}",
+                            c.task.id,
+                            c.task.target,
+                            c.task.queue.as_deref().unwrap_or("-")
+                        );
                         let outcome = run(&w, &c);
                         let settled = match w.complete(&c, outcome) {
                             Ok(Settled::Successful) => "successful".to_string(),
-                            Ok(Settled::Retrying { error, .. }) => format!("{}: {} (will retry)", error.class, error.message),
+                            Ok(Settled::Retrying { error, .. }) => {
+                                format!("{}: {} (will retry)", error.class, error.message)
+                            }
                             Ok(Settled::Failed(e) | Settled::Aborted(e)) => format!("{}: {}", e.class, e.message),
                             Ok(Settled::Released) => "released".to_string(),
                             Err(e) => format!("not stored: {e}"),
                         };
-                        println!("{:6.2}s worker {n}: task {} -> {settled}", started.elapsed().as_secs_f64(), c.task.id);
+                        println!(
+                            "{:6.2}s worker {n}: task {} -> {settled}",
+                            started.elapsed().as_secs_f64(),
+                            c.task.id
+                        );
                     }
                 }
             });
@@ -82,7 +103,15 @@ fn main() -> Result<()> {
             _ => "-".into(),
         };
         let outcome = t.error.map(|e| format!("{}: {}", e.class, e.message)).or(t.result).unwrap_or_default();
-        println!("{:>4}  {:<22} {:<8} {:<11} {:>8}  {}", t.id, t.target, t.queue.unwrap_or_else(|| "-".into()), t.state.as_str(), ms, outcome);
+        println!(
+            "{:>4}  {:<22} {:<8} {:<11} {:>8}  {}",
+            t.id,
+            t.target,
+            t.queue.unwrap_or_else(|| "-".into()),
+            t.state.as_str(),
+            ms,
+            outcome
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

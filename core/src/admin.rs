@@ -13,7 +13,9 @@ pub fn parse_age(text: &str) -> Result<Duration> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| Error::invalid("age", format!("{text:?}: expected a number with an optional unit s, m, h, d or w (e.g. 7d)")))?;
+    let n: u64 = num.parse().map_err(|_| {
+        Error::invalid("age", format!("{text:?}: expected a number with an optional unit s, m, h, d or w (e.g. 7d)"))
+    })?;
     let secs = match unit {
         "" | "s" => 1,
         "m" => 60,
@@ -38,7 +40,9 @@ fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
     let widths: Vec<usize> = (0..header.len())
         .map(|i| rows.iter().map(|r| r[i].chars().count()).chain([header[i].len()]).max().unwrap_or(0))
         .collect();
-    let line = |cells: Vec<&str>| cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string();
+    let line = |cells: Vec<&str>| {
+        cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+    };
     let _ = writeln!(out, "{}", line(header.to_vec()));
     for r in rows {
         let _ = writeln!(out, "{}", line(r.iter().map(String::as_str).collect()));

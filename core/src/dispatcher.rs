@@ -22,7 +22,9 @@ use parking_lot::{Condvar, Mutex};
 use crate::clock;
 use crate::error::{Error, Result};
 use crate::hub::{CancelFlag, Hub};
-use crate::store::{ClaimReq, ClaimedRow, Progress, ProgressReq, QueueSelection, Registration, RetryPolicy, Settle, SettleReq, Store};
+use crate::store::{
+    ClaimReq, ClaimedRow, Progress, ProgressReq, QueueSelection, Registration, RetryPolicy, Settle, SettleReq, Store,
+};
 use crate::task::{CancelReason, ErrorRecord, Outcome, Runtime, Settled, Task, TaskId};
 
 /// Progress writes per task are coalesced to at most one per this interval.
@@ -180,9 +182,10 @@ pub struct Dispatcher {
 impl Dispatcher {
     pub fn start(store: &Store, cfg: DispatcherConfig) -> Result<Dispatcher> {
         if cfg.lease.is_zero() || cfg.heartbeat.is_zero() || cfg.heartbeat * 2 > cfg.lease {
-            return Err(Error::invalid("lease", format!(
-                "lease ({:?}) must be at least twice the heartbeat interval ({:?})", cfg.lease, cfg.heartbeat
-            )));
+            return Err(Error::invalid(
+                "lease",
+                format!("lease ({:?}) must be at least twice the heartbeat interval ({:?})", cfg.lease, cfg.heartbeat),
+            ));
         }
         if let Some(names) = &cfg.queues.named {
             if let Some(bad) = names.iter().find(|n| n.is_empty()) {
@@ -398,20 +401,38 @@ impl Worker {
         }))
     }
 
-    fn send_settle(&self, claimed: &Claimed, settle: Settle, next: Option<Arc<Slot>>) -> Result<Receiver<Result<Settled>>> {
+    fn send_settle(
+        &self,
+        claimed: &Claimed,
+        settle: Settle,
+        next: Option<Arc<Slot>>,
+    ) -> Result<Receiver<Result<Settled>>> {
         if claimed.kind != ClaimKind::Run {
-            return Err(Error::invalid("claim", format!("task {} was handed over for its on_error callback only; there is no outcome to store", claimed.task.id)));
+            return Err(Error::invalid(
+                "claim",
+                format!(
+                    "task {} was handed over for its on_error callback only; there is no outcome to store",
+                    claimed.task.id
+                ),
+            ));
         }
         // A timed-out run is stored as a Timeout error, whatever the code returned.
         let settle = match (settle, claimed.flag.get()) {
             (Settle::Outcome(_), Some(CancelReason::Timeout)) => {
                 let limit = claimed.task.timeout.unwrap_or_default();
-                Settle::Outcome(Outcome::Failure(ErrorRecord::new("Timeout", format!("timed out after {:.3}s", limit.as_secs_f64()))))
+                Settle::Outcome(Outcome::Failure(ErrorRecord::new(
+                    "Timeout",
+                    format!("timed out after {:.3}s", limit.as_secs_f64()),
+                )))
             }
             (s, _) => s,
         };
         let (tx, rx) = bounded(1);
-        self.inner.send(Request::Settle(SettleReq { id: claimed.task.id, token: claimed.token, settle, progress: None }, tx, next))?;
+        self.inner.send(Request::Settle(
+            SettleReq { id: claimed.task.id, token: claimed.token, settle, progress: None },
+            tx,
+            next,
+        ))?;
         Ok(rx)
     }
 
@@ -435,7 +456,12 @@ impl Worker {
 
     /// `complete`, then `claim` in the same transaction: the fast path for workers without
     /// callbacks to run in between.
-    pub fn complete_and_claim(&self, claimed: &Claimed, outcome: Outcome, timeout: Option<Duration>) -> (Result<Settled>, Result<Option<Claimed>>) {
+    pub fn complete_and_claim(
+        &self,
+        claimed: &Claimed,
+        outcome: Outcome,
+        timeout: Option<Duration>,
+    ) -> (Result<Settled>, Result<Option<Claimed>>) {
         let slot = match self.new_slot() {
             Ok(slot) => slot,
             Err(e) => return (self.complete(claimed, outcome), Err(e)),
@@ -474,7 +500,9 @@ fn deliver(inner: &Inner, slot: &Slot, row: ClaimedRow) {
             }
             Claimed { task, kind: ClaimKind::Run, token, flag }
         }
-        ClaimedRow::OnError { task } => Claimed { task, kind: ClaimKind::OnError, token: 0, flag: Arc::new(CancelFlag::default()) },
+        ClaimedRow::OnError { task } => {
+            Claimed { task, kind: ClaimKind::OnError, token: 0, flag: Arc::new(CancelFlag::default()) }
+        }
     };
     slot.finish(Ok(Some(claimed)));
 }
@@ -506,7 +534,12 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
     let mut stop = false;
     let mut stop_claiming = false;
 
-    let handle = |req: Request, parked: &mut Vec<Arc<Slot>>, settles: &mut Vec<(SettleReq, Sender<Result<Settled>>)>, progress: &mut HashMap<TaskId, PendingProgress>, stop: &mut bool, stop_claiming: &mut bool| match req {
+    let handle = |req: Request,
+                  parked: &mut Vec<Arc<Slot>>,
+                  settles: &mut Vec<(SettleReq, Sender<Result<Settled>>)>,
+                  progress: &mut HashMap<TaskId, PendingProgress>,
+                  stop: &mut bool,
+                  stop_claiming: &mut bool| match req {
         Request::Settle(mut s, reply, next) => {
             if let Some(p) = progress.remove(&s.id) {
                 if p.token == s.token {
@@ -520,7 +553,12 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
         }
         Request::Park(slot) => park(slot, parked, *stop_claiming),
         Request::Progress(p) => {
-            let e = progress.entry(p.id).or_insert(PendingProgress { token: p.token, progress: Progress { message: None, perc: None }, dirty: false, last_write: None });
+            let e = progress.entry(p.id).or_insert(PendingProgress {
+                token: p.token,
+                progress: Progress { message: None, perc: None },
+                dirty: false,
+                last_write: None,
+            });
             e.token = p.token;
             if p.progress.message.is_some() {
                 e.progress.message = p.progress.message;
@@ -548,7 +586,8 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
             _ => {}
         }
         let now = Instant::now();
-        let next_progress = progress.values().filter(|p| p.dirty).map(|p| p.last_write.map_or(now, |t| t + PROGRESS_INTERVAL)).min();
+        let next_progress =
+            progress.values().filter(|p| p.dirty).map(|p| p.last_write.map_or(now, |t| t + PROGRESS_INTERVAL)).min();
         let wake_at = [next_due, next_progress, retry_at].into_iter().flatten().min();
         let timeout = wake_at.map_or(Duration::from_secs(5), |t| t.saturating_duration_since(now));
         select! {
@@ -608,15 +647,18 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
             }
             continue;
         }
-        let reqs: Vec<SettleReq> = settles.iter().map(|(s, _)| SettleReq {
-            id: s.id,
-            token: s.token,
-            settle: match &s.settle {
-                Settle::Outcome(o) => Settle::Outcome(o.clone()),
-                Settle::Release => Settle::Release,
-            },
-            progress: s.progress.clone(),
-        }).collect();
+        let reqs: Vec<SettleReq> = settles
+            .iter()
+            .map(|(s, _)| SettleReq {
+                id: s.id,
+                token: s.token,
+                settle: match &s.settle {
+                    Settle::Outcome(o) => Settle::Outcome(o.clone()),
+                    Settle::Release => Settle::Release,
+                },
+                progress: s.progress.clone(),
+            })
+            .collect();
         let claim = (!claiming.is_empty()).then(|| ClaimReq {
             dispatcher: inner.id,
             runtime: inner.cfg.runtime,

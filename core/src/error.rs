@@ -82,12 +82,8 @@ impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Error {
         use rusqlite::ffi::ErrorCode;
         match e.sqlite_error_code() {
-            Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
-                Error::Busy { message: e.to_string() }
-            }
-            Some(ErrorCode::NotADatabase) => {
-                Error::NotADatabase { path: String::new(), message: e.to_string() }
-            }
+            Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => Error::Busy { message: e.to_string() },
+            Some(ErrorCode::NotADatabase) => Error::NotADatabase { path: String::new(), message: e.to_string() },
             _ => Error::Storage { message: e.to_string() },
         }
     }

@@ -87,7 +87,9 @@ impl Hub {
     }
 
     pub fn notify(&self) {
-        self.subscribers.lock().retain(|tx| !matches!(tx.try_send(()), Err(crossbeam_channel::TrySendError::Disconnected(_))));
+        self.subscribers
+            .lock()
+            .retain(|tx| !matches!(tx.try_send(()), Err(crossbeam_channel::TrySendError::Disconnected(_))));
     }
 
     pub fn track(&self, id: TaskId, flag: Arc<CancelFlag>) {

@@ -34,8 +34,8 @@ pub use hub::CancelFlag;
 pub use pidfile::PidFile;
 pub use store::{Batch, Config, QueueSelection, Store, Synchronous, DB_ENV, DEFAULT_DB};
 pub use task::{
-    CancelReason, DispatcherInfo, Enqueued, ErrorRecord, NewTask, Outcome, QueueCounts, Runtime, Settled, State,
-    Task, TaskFilter, TaskId, DEFAULT_PRIORITY,
+    CancelReason, DispatcherInfo, Enqueued, ErrorRecord, NewTask, Outcome, QueueCounts, Runtime, Settled, State, Task,
+    TaskFilter, TaskId, DEFAULT_PRIORITY,
 };
 
 /// Hooks for hosts that fork (gunicorn --preload, Puma preload_app!): call [`fork::prepare`]

@@ -20,7 +20,12 @@ impl PidFile {
     /// Locks `path` and writes this process's pid into it, or refuses if another live process
     /// holds it (the error names that pid).
     pub fn acquire(path: &Path) -> Result<PidFile> {
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
             .map_err(|e| Error::invalid("pidfile", format!("{}: {e}", path.display())))?;
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {

@@ -57,10 +57,12 @@ impl fmt::Display for State {
 impl FromStr for State {
     type Err = Error;
     fn from_str(s: &str) -> Result<State, Error> {
-        State::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| Error::invalid("state", format!("unknown state {s:?} (expected new, running, successful, error or aborted)")))
+        State::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| {
+            Error::invalid(
+                "state",
+                format!("unknown state {s:?} (expected new, running, successful, error or aborted)"),
+            )
+        })
     }
 }
 
@@ -277,7 +279,10 @@ pub enum Settled {
     /// Final failure (`error`), including a timeout with no retries left.
     Failed(ErrorRecord),
     /// Will run again at `run_at` (microseconds, UTC).
-    Retrying { run_at: i64, error: ErrorRecord },
+    Retrying {
+        run_at: i64,
+        error: ErrorRecord,
+    },
     /// Cancelled or reset while it ran; stored as `aborted` whatever the code returned.
     Aborted(ErrorRecord),
     /// Handed back unstarted (see `Worker::release`): `new` again, no attempt counted.

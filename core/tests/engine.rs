@@ -28,9 +28,7 @@ fn fast_dispatcher(store: &Store, runtime: Runtime, lease: Duration) -> Dispatch
 #[test]
 fn enqueue_stores_fields_with_defaults() {
     each_store(|s, _| {
-        let e = s
-            .enqueue(py("send").args(r#"{"args":[1,"x"],"kwargs":{"to":"a@b"}}"#).meta(r#"{"user":7}"#))
-            .unwrap();
+        let e = s.enqueue(py("send").args(r#"{"args":[1,"x"],"kwargs":{"to":"a@b"}}"#).meta(r#"{"user":7}"#)).unwrap();
         assert!(!e.existing);
         let t = s.task(e.id).unwrap();
         assert_eq!(t.state, State::New);
@@ -172,7 +170,8 @@ fn a_named_queue_never_runs_two_at_once_across_many_threads() {
     each_store(|s, _| {
         let n = 200;
         for i in 0..n {
-            s.enqueue(py("t").queue(if i % 2 == 0 { "even" } else { "odd" }).args(format!(r#"{{"args":[{i}]}}"#))).unwrap();
+            s.enqueue(py("t").queue(if i % 2 == 0 { "even" } else { "odd" }).args(format!(r#"{{"args":[{i}]}}"#)))
+                .unwrap();
         }
         let d = dispatcher(s, Runtime::Python);
         let running = std::sync::Mutex::new(HashSet::<String>::new());
@@ -231,7 +230,9 @@ fn dependencies_added_later_only_while_new_and_never_claimed() {
         let c = s.enqueue(py("c")).unwrap().id;
         s.add_dependencies(b, &[a]).unwrap();
         s.add_dependencies(c, &[b]).unwrap();
-        assert!(matches!(s.add_dependencies(a, &[c]), Err(Error::DependencyCycle { task, dependency }) if task == a && dependency == c));
+        assert!(
+            matches!(s.add_dependencies(a, &[c]), Err(Error::DependencyCycle { task, dependency }) if task == a && dependency == c)
+        );
         assert!(matches!(s.add_dependencies(a, &[a]), Err(Error::DependencyCycle { .. })));
         assert!(matches!(s.add_dependencies(a, &[999_999]), Err(Error::MissingDependency { .. })));
         assert!(matches!(s.add_dependencies(999_999, &[a]), Err(Error::NotFound(999_999))));
@@ -375,7 +376,9 @@ fn timeouts_raise_the_flag_and_store_a_timeout_error() {
         let c = claim(&w);
         assert_eq!(c.cancelled(), None, "a new attempt starts with a clear flag");
         wait_until("timeout flag", Duration::from_secs(3), || c.cancelled().is_some());
-        assert!(matches!(w.complete(&c, Outcome::Success("1".into())).unwrap(), Settled::Failed(e) if e.class == "Timeout"));
+        assert!(
+            matches!(w.complete(&c, Outcome::Success("1".into())).unwrap(), Settled::Failed(e) if e.class == "Timeout")
+        );
         assert_eq!(s.task(id).unwrap().state, State::Error);
     });
 }
@@ -446,7 +449,8 @@ fn progress_is_visible_to_other_connections_while_running() {
     let conn = rusqlite::Connection::open(db.path()).unwrap();
     wait_until("progress row", Duration::from_secs(2), || {
         conn.query_row("SELECT message, perc_finished FROM tasks WHERE id = ?1", [id], |r| {
-            Ok(r.get::<_, Option<String>>(0)?.as_deref() == Some("half way") && r.get::<_, Option<f64>>(1)? == Some(50.0))
+            Ok(r.get::<_, Option<String>>(0)?.as_deref() == Some("half way")
+                && r.get::<_, Option<f64>>(1)? == Some(50.0))
         })
         .unwrap()
     });
@@ -473,7 +477,10 @@ fn lost_runs_are_recovered_counted_apart_and_stale_outcomes_refused() {
         // done its first heartbeat (which would otherwise undo the ageing).
         let conn = rusqlite::Connection::open(db.path()).unwrap();
         wait_until("the victim's first heartbeat", Duration::from_secs(5), || {
-            conn.query_row("SELECT heartbeat_at > started_at FROM dispatchers WHERE id = ?1", [victim.id()], |r| r.get(0)).unwrap()
+            conn.query_row("SELECT heartbeat_at > started_at FROM dispatchers WHERE id = ?1", [victim.id()], |r| {
+                r.get(0)
+            })
+            .unwrap()
         });
         conn.execute("UPDATE dispatchers SET beat_mono = beat_mono - 120000000 WHERE id = ?1", [victim.id()]).unwrap();
         let rescuer = fast_dispatcher(s, Runtime::Python, Duration::from_millis(500));
@@ -481,10 +488,16 @@ fn lost_runs_are_recovered_counted_apart_and_stale_outcomes_refused() {
         let again = claim(&rw);
         assert_eq!(again.task.id, id);
         assert_eq!((again.task.lost, again.task.attempts), (1, 1), "lost run counted apart from attempts");
-        assert!(matches!(vw.complete(&c, Outcome::Success("\"late\"".into())), Err(Error::StaleToken { task }) if task == id));
+        assert!(
+            matches!(vw.complete(&c, Outcome::Success("\"late\"".into())), Err(Error::StaleToken { task }) if task == id)
+        );
         ok(&rw, &again);
         let t = s.task(id).unwrap();
-        assert_eq!((t.state, t.result.as_deref()), (State::Successful, Some("null")), "stale outcome overwrote nothing");
+        assert_eq!(
+            (t.state, t.result.as_deref()),
+            (State::Successful, Some("null")),
+            "stale outcome overwrote nothing"
+        );
     });
 }
 
@@ -493,7 +506,8 @@ fn too_many_lost_runs_abort_the_task_and_owe_on_error() {
     let db = sqlite();
     let id = db.store.enqueue(py("t")).unwrap().id;
     let conn = rusqlite::Connection::open(db.path()).unwrap();
-    conn.execute("UPDATE tasks SET state = 'running', lost = 5, dispatcher_id = 9999, token = 1 WHERE id = ?1", [id]).unwrap();
+    conn.execute("UPDATE tasks SET state = 'running', lost = 5, dispatcher_id = 9999, token = 1 WHERE id = ?1", [id])
+        .unwrap();
     let d = fast_dispatcher(&db.store, Runtime::Python, Duration::from_millis(500));
     let w = d.worker();
     let h = claim(&w);

@@ -84,6 +84,7 @@ fn forking_while_the_engine_is_busy_keeps_both_sides_working() {
     let conn = rusqlite::Connection::open(db.path()).unwrap();
     let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
     assert_eq!(ok, "ok");
-    let from_children: i64 = conn.query_row("SELECT count(*) FROM tasks WHERE target LIKE '%from_child'", [], |r| r.get(0)).unwrap();
+    let from_children: i64 =
+        conn.query_row("SELECT count(*) FROM tasks WHERE target LIKE '%from_child'", [], |r| r.get(0)).unwrap();
     assert_eq!(from_children, 20);
 }

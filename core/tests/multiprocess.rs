@@ -58,11 +58,7 @@ fn spawn_child(dir: &Path, name: &str, role: &str, db: &Path, arg: &str) -> Chil
         .stderr(out)
         .spawn()
         .expect("spawn child process");
-    ChildProc {
-        name: name.to_string(),
-        child,
-        output,
-    }
+    ChildProc { name: name.to_string(), child, output }
 }
 
 impl ChildProc {
@@ -79,12 +75,7 @@ impl ChildProc {
         let end = Instant::now() + timeout;
         while !path.exists() {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!(
-                    "child {} exited ({status}) before creating {}:\n{}",
-                    self.name,
-                    path.display(),
-                    self.output()
-                );
+                panic!("child {} exited ({status}) before creating {}:\n{}", self.name, path.display(), self.output());
             }
             assert!(
                 Instant::now() < end,
@@ -101,22 +92,13 @@ impl ChildProc {
         let end = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                assert!(
-                    status.success(),
-                    "child {} failed ({status}):\n{}",
-                    self.name,
-                    self.output()
-                );
+                assert!(status.success(), "child {} failed ({status}):\n{}", self.name, self.output());
                 return;
             }
             if Instant::now() >= end {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                panic!(
-                    "child {} still running after {timeout:?}:\n{}",
-                    self.name,
-                    self.output()
-                );
+                panic!("child {} still running after {timeout:?}:\n{}", self.name, self.output());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -146,11 +128,7 @@ fn publish(path: &Path, text: &str) {
 fn wait_for_file(path: &Path, timeout: Duration) {
     let end = Instant::now() + timeout;
     while !path.exists() {
-        assert!(
-            Instant::now() < end,
-            "{} did not appear within {timeout:?}",
-            path.display()
-        );
+        assert!(Instant::now() < end, "{} did not appear within {timeout:?}", path.display());
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -164,8 +142,7 @@ fn child_entry() {
     let db = PathBuf::from(std::env::var(DB_PATH_ENV).expect("db path"));
     let dir = PathBuf::from(std::env::var(DIR_ENV).expect("dir"));
     let arg = std::env::var(ARG_ENV).unwrap_or_default();
-    let store = Store::open(&Config::new(&db))
-        .unwrap_or_else(|e| panic!("child {role}: open {}: {e}", db.display()));
+    let store = Store::open(&Config::new(&db)).unwrap_or_else(|e| panic!("child {role}: open {}: {e}", db.display()));
     match role.as_str() {
         "drain" => child_drain(&store, &dir, &arg),
         "hang" => child_hang(&store, &dir),
@@ -205,23 +182,11 @@ fn sleep_args(micros: usize) -> String {
 fn child_drain(store: &Store, dir: &Path, arg: &str) {
     let (index, workers) = arg.split_once(' ').expect("drain arg");
     let workers: usize = workers.parse().expect("workers");
-    let dispatcher = Dispatcher::start(
-        store,
-        DispatcherConfig {
-            workers,
-            ..DispatcherConfig::new(Runtime::Python)
-        },
-    )
-    .expect("start dispatcher");
+    let dispatcher = Dispatcher::start(store, DispatcherConfig { workers, ..DispatcherConfig::new(Runtime::Python) })
+        .expect("start dispatcher");
     let pid = std::process::id();
     let log_path = dir.join(format!("runs-{pid}.log"));
-    let log = Mutex::new(
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .expect("open run log"),
-    );
+    let log = Mutex::new(OpenOptions::new().create(true).append(true).open(&log_path).expect("open run log"));
     touch(&dir.join(format!("ready-{index}")));
     wait_for_file(&dir.join("go"), Duration::from_secs(30));
     std::thread::scope(|s| {
@@ -231,23 +196,13 @@ fn child_drain(store: &Store, dir: &Path, arg: &str) {
             s.spawn(move || drain_worker(&worker, store, log, pid));
         }
     });
-    dispatcher
-        .shutdown(Duration::from_secs(5))
-        .expect("shutdown");
+    dispatcher.shutdown(Duration::from_secs(5)).expect("shutdown");
 }
 
 fn drain_worker(worker: &Worker, store: &Store, log: &Mutex<File>, pid: u32) {
     loop {
-        let Some(claimed) = worker
-            .claim(Some(Duration::from_millis(100)))
-            .expect("claim")
-        else {
-            let unfinished: u64 = store
-                .counts()
-                .expect("counts")
-                .iter()
-                .map(|c| c.new + c.running)
-                .sum();
+        let Some(claimed) = worker.claim(Some(Duration::from_millis(100))).expect("claim") else {
+            let unfinished: u64 = store.counts().expect("counts").iter().map(|c| c.new + c.running).sum();
             if unfinished == 0 {
                 return;
             }
@@ -260,13 +215,8 @@ fn drain_worker(worker: &Worker, store: &Store, log: &Mutex<File>, pid: u32) {
         std::thread::sleep(Duration::from_micros(micros));
         let end = clock::mono_micros();
         let line = format!("{start} {end} {} {pid}\n", claimed.task.id);
-        log.lock()
-            .unwrap()
-            .write_all(line.as_bytes())
-            .expect("write run log");
-        let settled = worker
-            .complete(&claimed, Outcome::Success("null".into()))
-            .expect("complete");
+        log.lock().unwrap().write_all(line.as_bytes()).expect("write run log");
+        let settled = worker.complete(&claimed, Outcome::Success("null".into())).expect("complete");
         assert_eq!(settled, Settled::Successful, "task {}", claimed.task.id);
     }
 }
@@ -283,21 +233,12 @@ fn read_runs(dir: &Path) -> Vec<Run> {
     let mut runs = Vec::new();
     for entry in fs::read_dir(dir).expect("read dir") {
         let path = entry.expect("dir entry").path();
-        if !path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("runs-"))
-        {
+        if !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("runs-")) {
             continue;
         }
         for line in fs::read_to_string(&path).expect("read run log").lines() {
             let f: Vec<&str> = line.split(' ').collect();
-            assert_eq!(
-                f.len(),
-                4,
-                "malformed run log line {line:?} in {}",
-                path.display()
-            );
+            assert_eq!(f.len(), 4, "malformed run log line {line:?} in {}", path.display());
             runs.push(Run {
                 start: f[0].parse().unwrap(),
                 end: f[1].parse().unwrap(),
@@ -321,8 +262,7 @@ fn processes_drain_every_task_once_with_serial_queues_in_order() {
             let h = mix(i);
             let task = py("work").priority([90, 100, 110][h % 3]);
             if i % 2 == 0 {
-                task.queue(format!("q{}", h / 3 % DRAIN_QUEUES))
-                    .args(sleep_args(200))
+                task.queue(format!("q{}", h / 3 % DRAIN_QUEUES)).args(sleep_args(200))
             } else {
                 task.args(sleep_args(h / 3 % 800))
             }
@@ -334,32 +274,17 @@ fn processes_drain_every_task_once_with_serial_queues_in_order() {
     let mut children: Vec<ChildProc> = DRAIN_WORKERS
         .iter()
         .enumerate()
-        .map(|(i, workers)| {
-            spawn_child(
-                dir.path(),
-                &format!("drain{i}"),
-                "drain",
-                &db,
-                &format!("{i} {workers}"),
-            )
-        })
+        .map(|(i, workers)| spawn_child(dir.path(), &format!("drain{i}"), "drain", &db, &format!("{i} {workers}")))
         .collect();
     for (i, child) in children.iter_mut().enumerate() {
-        child.wait_for_file(
-            &dir.path().join(format!("ready-{i}")),
-            Duration::from_secs(20),
-        );
+        child.wait_for_file(&dir.path().join(format!("ready-{i}")), Duration::from_secs(20));
     }
     let started = Instant::now();
     touch(&dir.path().join("go"));
     for child in &mut children {
         child.wait_success(Duration::from_secs(40));
     }
-    eprintln!(
-        "{} processes drained {DRAIN_TASKS} tasks in {:?}",
-        children.len(),
-        started.elapsed()
-    );
+    eprintln!("{} processes drained {DRAIN_TASKS} tasks in {:?}", children.len(), started.elapsed());
 
     let runs = read_runs(dir.path());
     let mut times_run: HashMap<TaskId, usize> = HashMap::new();
@@ -367,30 +292,12 @@ fn processes_drain_every_task_once_with_serial_queues_in_order() {
         *times_run.entry(r.id).or_default() += 1;
     }
     let repeated: Vec<_> = times_run.iter().filter(|(_, &n)| n > 1).collect();
-    assert!(
-        repeated.is_empty(),
-        "tasks ran more than once (id, runs): {repeated:?}"
-    );
-    let mut never: Vec<TaskId> = expected
-        .keys()
-        .filter(|id| !times_run.contains_key(id))
-        .copied()
-        .collect();
+    assert!(repeated.is_empty(), "tasks ran more than once (id, runs): {repeated:?}");
+    let mut never: Vec<TaskId> = expected.keys().filter(|id| !times_run.contains_key(id)).copied().collect();
     never.sort_unstable();
-    assert!(
-        never.is_empty(),
-        "{} tasks never ran: {:?}",
-        never.len(),
-        &never[..never.len().min(20)]
-    );
-    let unknown: Vec<_> = times_run
-        .keys()
-        .filter(|id| !expected.contains_key(id))
-        .collect();
-    assert!(
-        unknown.is_empty(),
-        "runs of tasks that were never enqueued: {unknown:?}"
-    );
+    assert!(never.is_empty(), "{} tasks never ran: {:?}", never.len(), &never[..never.len().min(20)]);
+    let unknown: Vec<_> = times_run.keys().filter(|id| !expected.contains_key(id)).collect();
+    assert!(unknown.is_empty(), "runs of tasks that were never enqueued: {unknown:?}");
 
     let stored = store.list(&TaskFilter::default()).expect("list");
     assert_eq!(stored.len(), DRAIN_TASKS);
@@ -399,10 +306,7 @@ fn processes_drain_every_task_once_with_serial_queues_in_order() {
         .filter(|t| t.state != State::Successful || t.attempts != 1 || t.lost != 0)
         .map(|t| (t.id, t.state, t.attempts, t.lost))
         .collect();
-    assert!(
-        bad.is_empty(),
-        "tasks not successful after exactly one attempt (id, state, attempts, lost): {bad:?}"
-    );
+    assert!(bad.is_empty(), "tasks not successful after exactly one attempt (id, state, attempts, lost): {bad:?}");
 
     let mut by_queue: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
     for r in &runs {
@@ -429,10 +333,7 @@ fn processes_drain_every_task_once_with_serial_queues_in_order() {
                 b.start,
                 b.end
             );
-            let (ka, kb) = (
-                (expected[&a.id].priority, a.id),
-                (expected[&b.id].priority, b.id),
-            );
+            let (ka, kb) = ((expected[&a.id].priority, a.id), (expected[&b.id].priority, b.id));
             assert!(
                 ka < kb,
                 "queue {queue}: task {} (priority {}) ran before task {} (priority {})",
@@ -446,11 +347,7 @@ fn processes_drain_every_task_once_with_serial_queues_in_order() {
 
     eprintln!("named queues changed process {handoffs} times");
     let pids: HashSet<u32> = runs.iter().map(|r| r.pid).collect();
-    assert_eq!(
-        pids.len(),
-        children.len(),
-        "every process should have run tasks; pids seen: {pids:?}"
-    );
+    assert_eq!(pids.len(), children.len(), "every process should have run tasks; pids seen: {pids:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -461,14 +358,8 @@ fn processes_drain_every_task_once_with_serial_queues_in_order() {
 fn child_hang(store: &Store, dir: &Path) {
     let dispatcher = Dispatcher::start(store, short_lease(1)).expect("start dispatcher");
     let worker = dispatcher.worker();
-    let claimed = worker
-        .claim(Some(Duration::from_secs(10)))
-        .expect("claim")
-        .expect("a task to hang in");
-    publish(
-        &dir.join("started"),
-        &format!("{} {}", claimed.task.id, dispatcher.id()),
-    );
+    let claimed = worker.claim(Some(Duration::from_secs(10))).expect("claim").expect("a task to hang in");
+    publish(&dir.join("started"), &format!("{} {}", claimed.task.id, dispatcher.id()));
     // Only reached if the parent died without killing us.
     std::thread::sleep(Duration::from_secs(30));
     std::process::exit(3);
@@ -480,14 +371,8 @@ fn task_of_a_sigkilled_dispatcher_is_recovered_by_another() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("queue.db");
     let store = Store::open(&Config::new(&db)).expect("open");
-    let first = store
-        .enqueue(py("hangs").queue("mail"))
-        .expect("enqueue")
-        .id;
-    let second = store
-        .enqueue(py("after").queue("mail"))
-        .expect("enqueue")
-        .id;
+    let first = store.enqueue(py("hangs").queue("mail")).expect("enqueue").id;
+    let second = store.enqueue(py("after").queue("mail")).expect("enqueue").id;
 
     let mut victim = spawn_child(dir.path(), "victim", "hang", &db, "");
     let started = dir.path().join("started");
@@ -497,103 +382,48 @@ fn task_of_a_sigkilled_dispatcher_is_recovered_by_another() {
     let (task, dead): (TaskId, i64) = (task.parse().unwrap(), dead.parse().unwrap());
     assert_eq!(task, first);
     let t = store.task(first).expect("task");
-    assert_eq!(
-        (t.state, t.dispatcher_id, t.attempts),
-        (State::Running, Some(dead), 1)
-    );
+    assert_eq!((t.state, t.dispatcher_id, t.attempts), (State::Running, Some(dead), 1));
 
     let survivor = Dispatcher::start(&store, short_lease(1)).expect("start survivor");
     let worker = survivor.worker();
     // While the victim's lease is live its queue slot is held: nothing to claim.
-    if let Some(c) = worker
-        .claim(Some(Duration::from_millis(300)))
-        .expect("claim")
-    {
-        panic!(
-            "claimed task {} while the running dispatcher was alive",
-            c.task.id
-        );
+    if let Some(c) = worker.claim(Some(Duration::from_millis(300))).expect("claim") {
+        panic!("claimed task {} while the running dispatcher was alive", c.task.id);
     }
 
     // SAFETY: sends a signal to a child process we spawned and have not reaped.
-    assert_eq!(
-        unsafe { libc::kill(victim.pid(), libc::SIGKILL) },
-        0,
-        "kill: {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(unsafe { libc::kill(victim.pid(), libc::SIGKILL) }, 0, "kill: {}", std::io::Error::last_os_error());
     let status = victim.child.wait().expect("wait victim");
     let killed = Instant::now();
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "victim exited with {status}:\n{}",
-        victim.output()
-    );
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "victim exited with {status}:\n{}", victim.output());
     let last_beat: i64 = rusqlite::Connection::open(&db)
         .expect("open sqlite")
-        .query_row(
-            "SELECT beat_mono FROM dispatchers WHERE id = ?1",
-            [dead],
-            |r| r.get(0),
-        )
+        .query_row("SELECT beat_mono FROM dispatchers WHERE id = ?1", [dead], |r| r.get(0))
         .expect("the dead dispatcher's heartbeat row");
 
-    let claimed = worker
-        .claim(Some(LEASE + Duration::from_secs(4)))
-        .expect("claim")
-        .unwrap_or_else(|| {
-            panic!(
-                "the task of the killed dispatcher did not come back within {:?}",
-                LEASE + Duration::from_secs(4)
-            )
-        });
+    let claimed = worker.claim(Some(LEASE + Duration::from_secs(4))).expect("claim").unwrap_or_else(|| {
+        panic!("the task of the killed dispatcher did not come back within {:?}", LEASE + Duration::from_secs(4))
+    });
     let recovery = killed.elapsed();
     let claimed_mono = clock::mono_micros();
     eprintln!("task {first} recovered {recovery:?} after SIGKILL (lease {LEASE:?}, heartbeat {HEARTBEAT:?})");
-    assert_eq!(
-        claimed.task.id, first,
-        "the lost task keeps its place at the head of its queue"
-    );
+    assert_eq!(claimed.task.id, first, "the lost task keeps its place at the head of its queue");
     assert_eq!(claimed.kind, ClaimKind::Run);
-    assert_eq!(
-        (claimed.task.lost, claimed.task.attempts),
-        (1, 1),
-        "a lost run counts as lost, not as an attempt"
-    );
+    assert_eq!((claimed.task.lost, claimed.task.attempts), (1, 1), "a lost run counts as lost, not as an attempt");
     assert!(
         claimed_mono >= last_beat + LEASE.as_micros() as i64,
         "recovered {} µs after the dead dispatcher's last heartbeat, before its lease of {LEASE:?} ran out",
         claimed_mono - last_beat
     );
-    assert!(
-        recovery <= LEASE + Duration::from_secs(2),
-        "recovery took {recovery:?}, more than lease + 2 s"
-    );
-    assert_eq!(
-        worker
-            .complete(&claimed, Outcome::Success("1".into()))
-            .expect("complete"),
-        Settled::Successful
-    );
+    assert!(recovery <= LEASE + Duration::from_secs(2), "recovery took {recovery:?}, more than lease + 2 s");
+    assert_eq!(worker.complete(&claimed, Outcome::Success("1".into())).expect("complete"), Settled::Successful);
 
-    let next = worker
-        .claim(Some(Duration::from_secs(5)))
-        .expect("claim")
-        .expect("the queue moves on");
+    let next = worker.claim(Some(Duration::from_secs(5))).expect("claim").expect("the queue moves on");
     assert_eq!(next.task.id, second);
-    assert_eq!(
-        worker
-            .complete(&next, Outcome::Success("2".into()))
-            .expect("complete"),
-        Settled::Successful
-    );
+    assert_eq!(worker.complete(&next, Outcome::Success("2".into())).expect("complete"), Settled::Successful);
 
     let t = store.task(first).expect("task");
-    assert_eq!(
-        (t.state, t.lost, t.attempts, t.result.as_deref()),
-        (State::Successful, 1, 1, Some("1"))
-    );
+    assert_eq!((t.state, t.lost, t.attempts, t.result.as_deref()), (State::Successful, 1, 1, Some("1")));
     assert_eq!(t.dispatcher_id, Some(survivor.id()));
     let t = store.task(second).expect("task");
     assert_eq!((t.state, t.lost, t.attempts), (State::Successful, 0, 1));
@@ -626,8 +456,7 @@ fn enqueue_from_threads(store: &Store, source: &str) {
     std::thread::scope(|s| {
         for t in 0..ENQUEUE_THREADS {
             s.spawn(move || {
-                let fail =
-                    |i: usize, e: Error| -> ! { panic!("{source} thread {t}, task {i}: {e}") };
+                let fail = |i: usize, e: Error| -> ! { panic!("{source} thread {t}, task {i}: {e}") };
                 for chunk in (0..ENQUEUE_PER_THREAD).collect::<Vec<_>>().chunks(10) {
                     match t {
                         0 => {
@@ -639,9 +468,7 @@ fn enqueue_from_threads(store: &Store, source: &str) {
                         }
                         1 => {
                             let many: Vec<NewTask> = chunk.iter().map(|&i| task(t, i)).collect();
-                            store
-                                .enqueue_many(&many)
-                                .unwrap_or_else(|e| fail(chunk[0], e));
+                            store.enqueue_many(&many).unwrap_or_else(|e| fail(chunk[0], e));
                         }
                         _ => {
                             for &i in chunk {
@@ -670,21 +497,10 @@ fn threads_of_several_processes_enqueue_concurrently() {
     let store = Store::open(&Config::new(&db)).expect("open");
 
     let mut children: Vec<ChildProc> = (0..ENQUEUE_PROCS)
-        .map(|i| {
-            spawn_child(
-                dir.path(),
-                &format!("enqueue{i}"),
-                "enqueue",
-                &db,
-                &i.to_string(),
-            )
-        })
+        .map(|i| spawn_child(dir.path(), &format!("enqueue{i}"), "enqueue", &db, &i.to_string()))
         .collect();
     for (i, child) in children.iter_mut().enumerate() {
-        child.wait_for_file(
-            &dir.path().join(format!("ready-{i}")),
-            Duration::from_secs(20),
-        );
+        child.wait_for_file(&dir.path().join(format!("ready-{i}")), Duration::from_secs(20));
     }
     touch(&dir.path().join("go"));
     enqueue_from_threads(&store, "parent");
@@ -693,9 +509,7 @@ fn threads_of_several_processes_enqueue_concurrently() {
     }
 
     let mut expected: HashSet<String> = HashSet::new();
-    let sources = (0..ENQUEUE_PROCS)
-        .map(|i| format!("p{i}"))
-        .chain(["parent".to_string()]);
+    let sources = (0..ENQUEUE_PROCS).map(|i| format!("p{i}")).chain(["parent".to_string()]);
     for source in sources {
         for t in 0..ENQUEUE_THREADS {
             for i in 0..ENQUEUE_PER_THREAD {
@@ -707,11 +521,8 @@ fn threads_of_several_processes_enqueue_concurrently() {
     let mut seen: HashMap<String, usize> = HashMap::new();
     for t in &stored {
         assert_eq!(t.state, State::New, "task {}", t.id);
-        let meta: serde_json::Value =
-            serde_json::from_str(t.meta.as_deref().expect("meta")).expect("meta json");
-        *seen
-            .entry(meta["src"].as_str().expect("src").to_string())
-            .or_default() += 1;
+        let meta: serde_json::Value = serde_json::from_str(t.meta.as_deref().expect("meta")).expect("meta json");
+        *seen.entry(meta["src"].as_str().expect("src").to_string()).or_default() += 1;
     }
     let duplicated: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
     assert!(duplicated.is_empty(), "tasks stored twice: {duplicated:?}");

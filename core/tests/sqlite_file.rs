@@ -27,9 +27,7 @@ fn sqlite(path: &Path) -> Connection {
 }
 
 fn integrity(path: &Path) -> String {
-    sqlite(path)
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .expect("integrity_check")
+    sqlite(path).query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("integrity_check")
 }
 
 fn wal_path(db: &Path) -> PathBuf {
@@ -56,14 +54,9 @@ fn hold_write_lock(db: &Path, hold: Duration, touch: Option<TaskId>) -> JoinHand
     let db = db.to_path_buf();
     let holder = std::thread::spawn(move || {
         let conn = sqlite(&db);
-        conn.execute_batch("BEGIN IMMEDIATE")
-            .expect("BEGIN IMMEDIATE");
+        conn.execute_batch("BEGIN IMMEDIATE").expect("BEGIN IMMEDIATE");
         if let Some(id) = touch {
-            conn.execute(
-                "UPDATE tasks SET message = 'written under the lock' WHERE id = ?1",
-                [id],
-            )
-            .expect("update");
+            conn.execute("UPDATE tasks SET message = 'written under the lock' WHERE id = ?1", [id]).expect("update");
         }
         locked_tx.send(()).unwrap();
         std::thread::sleep(hold);
@@ -83,10 +76,8 @@ fn enqueue_waits_for_a_write_lock_held_elsewhere() {
     let hold = Duration::from_secs(1);
     let holder = hold_write_lock(&db, hold, Some(seed));
     let started = Instant::now();
-    let id = store
-        .enqueue(py("waits"))
-        .unwrap_or_else(|e| panic!("enqueue under a held lock must wait, not fail: {e}"))
-        .id;
+    let id =
+        store.enqueue(py("waits")).unwrap_or_else(|e| panic!("enqueue under a held lock must wait, not fail: {e}")).id;
     let waited = started.elapsed();
     holder.join().expect("holder");
 
@@ -95,10 +86,7 @@ fn enqueue_waits_for_a_write_lock_held_elsewhere() {
         "enqueue returned after {waited:?} although the lock was held for {hold:?}"
     );
     assert_eq!(store.task(id).expect("task").state, State::New);
-    assert_eq!(
-        store.task(seed).expect("seed").message.as_deref(),
-        Some("written under the lock")
-    );
+    assert_eq!(store.task(seed).expect("seed").message.as_deref(), Some("written under the lock"));
     assert_eq!(all_tasks(&store).len(), 2);
     assert_eq!(integrity(&db), "ok");
 }
@@ -108,14 +96,8 @@ fn enqueue_fails_busy_after_the_busy_timeout_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("queue.db");
     let busy_timeout = Duration::from_millis(200);
-    let store = Store::open(&Config {
-        busy_timeout,
-        ..Config::new(&db)
-    })
-    .expect("open");
-    let tasks: Vec<NewTask> = (0..20)
-        .map(|i| py("kept").queue(format!("q{}", i % 3)).priority(i))
-        .collect();
+    let store = Store::open(&Config { busy_timeout, ..Config::new(&db) }).expect("open");
+    let tasks: Vec<NewTask> = (0..20).map(|i| py("kept").queue(format!("q{}", i % 3)).priority(i)).collect();
     store.enqueue_many(&tasks).expect("enqueue");
     let before = all_tasks(&store);
 
@@ -130,23 +112,14 @@ fn enqueue_fails_busy_after_the_busy_timeout_and_loses_nothing() {
         Err(Error::Busy { message }) => assert!(!message.is_empty()),
         other => panic!("expected Error::Busy past a {busy_timeout:?} busy timeout, got {other:?}"),
     }
-    assert!(
-        matches!(batch, Err(Error::Busy { .. })),
-        "enqueue_many: expected Error::Busy, got {batch:?}"
-    );
+    assert!(matches!(batch, Err(Error::Busy { .. })), "enqueue_many: expected Error::Busy, got {batch:?}");
     assert!(
         waited >= busy_timeout - Duration::from_millis(20) && waited < Duration::from_millis(1200),
         "enqueue gave up after {waited:?}; busy timeout {busy_timeout:?}"
     );
     assert_eq!(integrity(&db), "ok");
-    assert_eq!(
-        all_tasks(&store),
-        before,
-        "a failed enqueue changed stored tasks"
-    );
-    let after = store
-        .enqueue(py("on_time"))
-        .expect("the store works again once the lock is released");
+    assert_eq!(all_tasks(&store), before, "a failed enqueue changed stored tasks");
+    let after = store.enqueue(py("on_time")).expect("the store works again once the lock is released");
     assert_eq!(all_tasks(&store).len(), before.len() + 1);
     assert_eq!(store.task(after.id).expect("task").state, State::New);
 }
@@ -159,22 +132,15 @@ fn wal_shrinks_under_its_limit_after_a_long_reader_ends() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("queue.db");
     let limit: u64 = 1 << 20;
-    let store = Store::open(&Config {
-        wal_limit_bytes: limit,
-        ..Config::new(&db)
-    })
-    .expect("open");
+    let store = Store::open(&Config { wal_limit_bytes: limit, ..Config::new(&db) }).expect("open");
     store.enqueue(py("seed")).expect("enqueue");
 
     let reader = sqlite(&db);
     reader.execute_batch("BEGIN").expect("BEGIN");
-    let seen: i64 = reader
-        .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
-        .expect("read");
+    let seen: i64 = reader.query_row("SELECT count(*) FROM tasks", [], |r| r.get(0)).expect("read");
     assert_eq!(seen, 1);
 
-    let dispatcher =
-        Dispatcher::start(&store, DispatcherConfig::new(Runtime::Python)).expect("dispatcher");
+    let dispatcher = Dispatcher::start(&store, DispatcherConfig::new(Runtime::Python)).expect("dispatcher");
     let stop = AtomicBool::new(false);
     let payload = format!(r#"{{"args":["{}"],"kwargs":{{}}}}"#, "x".repeat(2000));
     std::thread::scope(|s| {
@@ -183,13 +149,8 @@ fn wal_shrinks_under_its_limit_after_a_long_reader_ends() {
         let completer = s.spawn(move || {
             let mut done = 0u64;
             while !stop.load(Ordering::Acquire) {
-                if let Some(c) = worker
-                    .claim(Some(Duration::from_millis(20)))
-                    .expect("claim")
-                {
-                    worker
-                        .complete(&c, Outcome::Success("null".into()))
-                        .expect("complete");
+                if let Some(c) = worker.claim(Some(Duration::from_millis(20))).expect("claim") {
+                    worker.complete(&c, Outcome::Success("null".into())).expect("complete");
                     done += 1;
                 }
             }
@@ -200,16 +161,15 @@ fn wal_shrinks_under_its_limit_after_a_long_reader_ends() {
         let end = Instant::now() + Duration::from_secs(10);
         while wal_size(&db) <= limit + limit / 4 && Instant::now() < end {
             let batch: Vec<NewTask> = (0..50).map(|_| py("big").args(payload.clone())).collect();
-            store
-                .enqueue_many(&batch)
-                .expect("enqueue while a reader is open");
+            store.enqueue_many(&batch).expect("enqueue while a reader is open");
             std::thread::sleep(Duration::from_millis(5));
         }
         let grown = wal_size(&db);
-        assert!(grown > limit, "the -wal file did not outgrow its {limit} byte limit ({grown} bytes) while a reader pinned it");
-        let still: i64 = reader
-            .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
-            .expect("read");
+        assert!(
+            grown > limit,
+            "the -wal file did not outgrow its {limit} byte limit ({grown} bytes) while a reader pinned it"
+        );
+        let still: i64 = reader.query_row("SELECT count(*) FROM tasks", [], |r| r.get(0)).expect("read");
         assert_eq!(still, 1, "the long reader's snapshot moved");
         reader.execute_batch("COMMIT").expect("end read");
 
@@ -221,22 +181,14 @@ fn wal_shrinks_under_its_limit_after_a_long_reader_ends() {
             std::thread::sleep(Duration::from_millis(20));
             size = wal_size(&db);
         }
-        eprintln!(
-            "-wal grew to {grown} bytes behind the reader; {size} bytes {:?} after it ended",
-            released.elapsed()
-        );
-        assert!(
-            size <= limit,
-            "the -wal file is still {size} bytes (limit {limit}) 5 s after the reader ended"
-        );
+        eprintln!("-wal grew to {grown} bytes behind the reader; {size} bytes {:?} after it ended", released.elapsed());
+        assert!(size <= limit, "the -wal file is still {size} bytes (limit {limit}) 5 s after the reader ended");
 
         stop.store(true, Ordering::Release);
         let done = completer.join().expect("completer");
         assert!(done > 0, "the dispatcher claimed no task during the test");
     });
-    dispatcher
-        .shutdown(Duration::from_secs(1))
-        .expect("shutdown");
+    dispatcher.shutdown(Duration::from_secs(1)).expect("shutdown");
     drop(reader);
     assert_eq!(integrity(&db), "ok");
 }
@@ -246,8 +198,7 @@ fn wal_shrinks_under_its_limit_after_a_long_reader_ends() {
 
 fn expect_not_a_database(path: &Path) -> String {
     let before = fs::read(path).expect("read file");
-    let err = Store::open(&Config::new(path))
-        .expect_err("opening a file that is not a queue_dispatcher database");
+    let err = Store::open(&Config::new(path)).expect_err("opening a file that is not a queue_dispatcher database");
     let after = fs::read(path).expect("read file");
     assert!(
         before == after,
@@ -256,19 +207,12 @@ fn expect_not_a_database(path: &Path) -> String {
         before.len(),
         after.len()
     );
-    let Error::NotADatabase {
-        path: named,
-        message,
-    } = &err
-    else {
+    let Error::NotADatabase { path: named, message } = &err else {
         panic!("{}: expected NotADatabase, got {err:?}", path.display())
     };
     let canonical = path.canonicalize().expect("canonicalize");
     assert_eq!(Path::new(named), canonical, "the error names another path");
-    assert!(
-        err.to_string().contains(&canonical.display().to_string()),
-        "message does not name the file: {err}"
-    );
+    assert!(err.to_string().contains(&canonical.display().to_string()), "message does not name the file: {err}");
     message.clone()
 }
 
@@ -297,9 +241,7 @@ fn another_applications_sqlite_database_is_refused_unchanged() {
 
     // No tables, but a user_version of its own: still not ours.
     let versioned = dir.path().join("settings.sqlite");
-    sqlite(&versioned)
-        .execute_batch("PRAGMA user_version = 7")
-        .expect("set user_version");
+    sqlite(&versioned).execute_batch("PRAGMA user_version = 7").expect("set user_version");
     assert!(fs::metadata(&versioned).expect("stat").len() > 0);
     expect_not_a_database(&versioned);
 }
@@ -313,41 +255,22 @@ fn a_database_from_a_newer_version_is_refused_unchanged() {
     drop(store);
 
     let conn = sqlite(&db);
-    let supported: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .expect("user_version");
+    let supported: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("user_version");
     assert!(supported > 0);
-    conn.execute_batch(&format!("PRAGMA user_version = {}", supported + 1))
-        .expect("bump user_version");
+    conn.execute_batch(&format!("PRAGMA user_version = {}", supported + 1)).expect("bump user_version");
     drop(conn);
-    assert_eq!(
-        wal_size(&db),
-        0,
-        "the last close should have checkpointed the WAL into the file"
-    );
+    assert_eq!(wal_size(&db), 0, "the last close should have checkpointed the WAL into the file");
 
     let before = fs::read(&db).expect("read");
     let result = Store::open(&Config::new(&db));
     let after = fs::read(&db).expect("read");
     match result {
-        Err(Error::SchemaTooNew {
-            found,
-            supported: s,
-        }) => assert_eq!((found, s), (supported + 1, supported)),
+        Err(Error::SchemaTooNew { found, supported: s }) => assert_eq!((found, s), (supported + 1, supported)),
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
-    assert!(
-        before == after,
-        "Store::open modified a database it refused"
-    );
-    assert_eq!(
-        wal_size(&db),
-        0,
-        "Store::open left writes in the -wal file of a database it refused"
-    );
-    let version: i64 = sqlite(&db)
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .expect("user_version");
+    assert!(before == after, "Store::open modified a database it refused");
+    assert_eq!(wal_size(&db), 0, "Store::open left writes in the -wal file of a database it refused");
+    let version: i64 = sqlite(&db).query_row("PRAGMA user_version", [], |r| r.get(0)).expect("user_version");
     assert_eq!(version, supported + 1);
 }
 
@@ -388,11 +311,7 @@ fn open_and_enqueue(db: &Path, source: &str) {
 fn wait_for_file(path: &Path, timeout: Duration) {
     let end = Instant::now() + timeout;
     while !path.exists() {
-        assert!(
-            Instant::now() < end,
-            "{} did not appear within {timeout:?}",
-            path.display()
-        );
+        assert!(Instant::now() < end, "{} did not appear within {timeout:?}", path.display());
         std::thread::sleep(Duration::from_micros(200));
     }
 }
@@ -409,10 +328,7 @@ struct Schema {
 
 fn schema_of(db: &Path) -> Schema {
     let conn = sqlite(db);
-    let int = |pragma: &str| -> i64 {
-        conn.query_row(&format!("PRAGMA {pragma}"), [], |r| r.get(0))
-            .expect(pragma)
-    };
+    let int = |pragma: &str| -> i64 { conn.query_row(&format!("PRAGMA {pragma}"), [], |r| r.get(0)).expect(pragma) };
     let objects = conn
         .prepare("SELECT type, name, sql FROM sqlite_schema ORDER BY type, name")
         .expect("prepare")
@@ -423,9 +339,7 @@ fn schema_of(db: &Path) -> Schema {
     Schema {
         user_version: int("user_version"),
         application_id: int("application_id"),
-        journal_mode: conn
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .expect("journal_mode"),
+        journal_mode: conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("journal_mode"),
         objects,
     }
 }
@@ -437,11 +351,7 @@ impl Children {
     fn wait_all_succeed(&mut self) {
         for (child, output) in &mut self.0 {
             let status = child.wait().expect("wait child");
-            assert!(
-                status.success(),
-                "child failed ({status}):\n{}",
-                fs::read_to_string(output).unwrap_or_default()
-            );
+            assert!(status.success(), "child failed ({status}):\n{}", fs::read_to_string(output).unwrap_or_default());
         }
     }
 }
@@ -483,10 +393,7 @@ fn race_first_open(dir: &Path, db: &Path) {
     for i in 0..OPEN_PROCS {
         wait_for_file(&dir.join(format!("ready-{i}")), Duration::from_secs(20));
     }
-    assert!(
-        !db.exists(),
-        "nobody may create the file before the start signal"
-    );
+    assert!(!db.exists(), "nobody may create the file before the start signal");
     let go = dir.join("go");
     std::thread::scope(|s| {
         for t in 0..OPEN_THREADS {
@@ -507,10 +414,8 @@ fn concurrent_first_opens_create_the_schema_once() {
     let reference_db = reference_dir.path().join("reference.db");
     drop(Store::open(&Config::new(&reference_db)).expect("open reference"));
     let reference = schema_of(&reference_db);
-    let expected: HashSet<String> = (0..OPEN_PROCS)
-        .map(|i| format!("proc-{i}"))
-        .chain((0..OPEN_THREADS).map(|t| format!("thread-{t}")))
-        .collect();
+    let expected: HashSet<String> =
+        (0..OPEN_PROCS).map(|i| format!("proc-{i}")).chain((0..OPEN_THREADS).map(|t| format!("thread-{t}"))).collect();
 
     // The window is a few hundred microseconds wide: several rounds make a race likely.
     for round in 0..OPEN_ROUNDS {
@@ -518,19 +423,14 @@ fn concurrent_first_opens_create_the_schema_once() {
         let db = dir.path().join("fresh.db");
         race_first_open(dir.path(), &db);
 
-        assert_eq!(
-            schema_of(&db),
-            reference,
-            "round {round}: the raced file differs from a cleanly created one"
-        );
+        assert_eq!(schema_of(&db), reference, "round {round}: the raced file differs from a cleanly created one");
         assert_eq!(integrity(&db), "ok", "round {round}");
         let store = Store::open(&Config::new(&db)).expect("open");
         let tasks = all_tasks(&store);
         let sources: HashSet<String> = tasks
             .iter()
             .map(|t| {
-                serde_json::from_str::<serde_json::Value>(t.meta.as_deref().unwrap()).unwrap()
-                    ["src"]
+                serde_json::from_str::<serde_json::Value>(t.meta.as_deref().unwrap()).unwrap()["src"]
                     .as_str()
                     .unwrap()
                     .to_string()
@@ -551,20 +451,13 @@ fn a_corrupt_database_gives_a_clear_error() {
     let store = Store::open(&Config::new(&db)).expect("open");
     // About one row per 4 KiB page, so the tasks table is most of the file.
     let payload = format!(r#"{{"args":["{}"],"kwargs":{{}}}}"#, "y".repeat(3000));
-    let tasks: Vec<NewTask> = (0..600)
-        .map(|_| py("doomed").args(payload.clone()))
-        .collect();
+    let tasks: Vec<NewTask> = (0..600).map(|_| py("doomed").args(payload.clone())).collect();
     store.enqueue_many(&tasks).expect("enqueue");
     drop(store);
 
     let conn = sqlite(&db);
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-        r.get::<_, i64>(0)
-    })
-    .expect("checkpoint");
-    let page_size = conn
-        .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
-        .expect("page_size") as u64;
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0)).expect("checkpoint");
+    let page_size = conn.query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0)).expect("page_size") as u64;
     drop(conn);
     assert_eq!(wal_size(&db), 0);
 
@@ -578,14 +471,9 @@ fn a_corrupt_database_gives_a_clear_error() {
 
     let err = match Store::open(&Config::new(&db)) {
         Err(e) => e,
-        Ok(store) => store
-            .list(&TaskFilter::default())
-            .expect_err("listing a corrupt table must fail"),
+        Ok(store) => store.list(&TaskFilter::default()).expect_err("listing a corrupt table must fail"),
     };
-    assert!(
-        matches!(err, Error::Storage { .. } | Error::NotADatabase { .. }),
-        "unexpected error kind: {err:?}"
-    );
+    assert!(matches!(err, Error::Storage { .. } | Error::NotADatabase { .. }), "unexpected error kind: {err:?}");
     let text = err.to_string();
     eprintln!("corrupt database: {text}");
     assert!(

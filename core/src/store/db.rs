@@ -76,7 +76,9 @@ fn normalize(path: &Path) -> Result<PathBuf> {
     let (Some(dir), Some(name)) = (abs.parent(), abs.file_name()) else {
         return Err(Error::invalid("database", format!("{} is not a file path", path.display())));
     };
-    let dir = dir.canonicalize().map_err(|e| Error::invalid("database", format!("{}: directory {}: {e}", path.display(), dir.display())))?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| Error::invalid("database", format!("{}: directory {}: {e}", path.display(), dir.display())))?;
     Ok(dir.join(name))
 }
 
@@ -111,14 +113,19 @@ fn configure(conn: &Connection, config: &Config) -> Result<()> {
     let started = Instant::now();
     let mode: String = loop {
         match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
-            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) && started.elapsed() < config.busy_timeout => {
+            Err(e)
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && started.elapsed() < config.busy_timeout =>
+            {
                 std::thread::sleep(Duration::from_millis(1));
             }
             other => break other?,
         }
     };
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(Error::Storage { message: format!("cannot switch {} to WAL mode (got {mode})", config.path.display()) });
+        return Err(Error::Storage {
+            message: format!("cannot switch {} to WAL mode (got {mode})", config.path.display()),
+        });
     }
     let sync = match config.synchronous {
         Synchronous::Normal => "NORMAL",
@@ -145,7 +152,9 @@ impl Db {
         reg.retain(|(p, _, _, w)| *p == pid && w.strong_count() > 0);
         // Same file with the same options: share it. Other options get their own connections.
         let same = |c: &Config| {
-            c.synchronous == config.synchronous && c.busy_timeout == config.busy_timeout && c.wal_limit_bytes == config.wal_limit_bytes
+            c.synchronous == config.synchronous
+                && c.busy_timeout == config.busy_timeout
+                && c.wal_limit_bytes == config.wal_limit_bytes
         };
         if let Some(db) = reg.iter().find(|(_, p, c, _)| *p == path && same(c)).and_then(|(_, _, _, w)| w.upgrade()) {
             return Ok(db);
@@ -468,7 +477,8 @@ fn spawn_maintenance(db: &Arc<Db>, stop_rx: Receiver<()>) -> Result<JoinHandle<(
             // WAL only when a write starts with every frame copied back), so the truncating
             // checkpoint runs with this process's writers held off; it waits for other
             // processes' readers only briefly (5 ms) and retries next round.
-            let (_shared, _exclusive) = if size > limit { (None, Some(quiesce.write())) } else { (Some(quiesce.read()), None) };
+            let (_shared, _exclusive) =
+                if size > limit { (None, Some(quiesce.write())) } else { (Some(quiesce.read()), None) };
             let res = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
             });
@@ -511,7 +521,8 @@ fn sqlite_static_mutexes() -> impl DoubleEndedIterator<Item = *mut rusqlite::ffi
 pub fn prepare_fork() {
     let wait = Duration::from_secs(2);
     let pid = std::process::id();
-    let dbs: Vec<Arc<Db>> = REGISTRY.lock().iter().filter(|(p, ..)| *p == pid).filter_map(|(.., w)| w.upgrade()).collect();
+    let dbs: Vec<Arc<Db>> =
+        REGISTRY.lock().iter().filter(|(p, ..)| *p == pid).filter_map(|(.., w)| w.upgrade()).collect();
     let mut held = Vec::new();
     for db in dbs {
         let Some(writer) = db.writer.try_lock_for(wait) else { continue };

@@ -84,7 +84,12 @@ impl Config {
         for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some(("synchronous", v)) => cfg.synchronous = v.parse()?,
-                _ => return Err(Error::invalid("database", format!("{spec:?}: unknown option {pair:?} (known: synchronous=normal|full)"))),
+                _ => {
+                    return Err(Error::invalid(
+                        "database",
+                        format!("{spec:?}: unknown option {pair:?} (known: synchronous=normal|full)"),
+                    ))
+                }
             }
         }
         Ok(cfg)
@@ -201,7 +206,13 @@ pub(crate) trait Backend: Send + Sync {
     /// Releases this dispatcher's unfinished runs at once (it is leaving) and removes its row.
     fn deregister(&self, id: i64, max_lost: u32) -> Result<u64>;
     /// Settles outcomes, writes coalesced progress, then claims: one transaction (group commit).
-    fn cycle(&self, settles: &[SettleReq], progress: &[ProgressReq], claim: Option<ClaimReq<'_>>, retry: &RetryPolicy) -> Result<CycleOut>;
+    fn cycle(
+        &self,
+        settles: &[SettleReq],
+        progress: &[ProgressReq],
+        claim: Option<ClaimReq<'_>>,
+        retry: &RetryPolicy,
+    ) -> Result<CycleOut>;
 
     fn begin_batch(&self) -> Result<()>;
     fn end_batch(&self, commit: bool) -> Result<()>;

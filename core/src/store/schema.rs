@@ -190,7 +190,9 @@ pub fn inspect(conn: &Connection, path: &str) -> Result<bool> {
     if app != APPLICATION_ID && (objects > 0 || version != 0) {
         return Err(Error::NotADatabase {
             path: path.to_string(),
-            message: format!("it is an SQLite database of another application (application_id {app}, {objects} schema objects)"),
+            message: format!(
+                "it is an SQLite database of another application (application_id {app}, {objects} schema objects)"
+            ),
         });
     }
     if version > SCHEMA_VERSION {
@@ -213,7 +215,9 @@ pub fn migrate(conn: &Connection, path: &str) -> Result<()> {
         if version < 1 {
             conn.execute_batch(&v1())?;
         }
-        conn.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"))?;
+        conn.execute_batch(&format!(
+            "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
+        ))?;
         Ok(())
     };
     match run() {

@@ -11,7 +11,9 @@ use rusqlite::types::{ToSql, Value};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::db::Db;
-use super::{Backend, Beat, ClaimReq, ClaimedRow, Config, CycleOut, ProgressReq, Registration, RetryPolicy, Settle, SettleReq};
+use super::{
+    Backend, Beat, ClaimReq, ClaimedRow, Config, CycleOut, ProgressReq, Registration, RetryPolicy, Settle, SettleReq,
+};
 use crate::clock;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
@@ -78,7 +80,8 @@ fn cancel_record(code: i64) -> ErrorRecord {
 }
 
 fn history_entry(attempt: i64, e: &ErrorRecord) -> String {
-    serde_json::json!({"attempt": attempt, "class": e.class, "message": e.message, "backtrace": e.backtrace}).to_string()
+    serde_json::json!({"attempt": attempt, "class": e.class, "message": e.message, "backtrace": e.backtrace})
+        .to_string()
 }
 
 fn check_json(field: &str, text: &str) -> Result<serde_json::Value> {
@@ -217,7 +220,8 @@ fn claim(c: &Connection, req: &ClaimReq<'_>, now: i64) -> Result<Vec<ClaimedRow>
     let mut out = Vec::new();
     let rt = req.runtime.as_str();
     let want = req.want as i64;
-    c.prepare_cached("UPDATE tasks SET delayed = 0 WHERE state = 'new' AND delayed = 1 AND run_at <= ?1")?.execute([now])?;
+    c.prepare_cached("UPDATE tasks SET delayed = 0 WHERE state = 'new' AND delayed = 1 AND run_at <= ?1")?
+        .execute([now])?;
 
     // Handovers: tasks that end without running still owe their on_error callback.
     let failed: Vec<(TaskId, TaskId)> = c
@@ -271,11 +275,16 @@ fn claim(c: &Connection, req: &ClaimReq<'_>, now: i64) -> Result<Vec<ClaimedRow>
                            AND name IN (SELECT value FROM json_each(?3))
                          ORDER BY head_priority, head_id LIMIT ?2";
     let named: Vec<(i64, TaskId)> = match &req.selection.named {
-        None => c.prepare_cached(named_sql)?.query_map(params![rt, left], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?,
+        None => c
+            .prepare_cached(named_sql)?
+            .query_map(params![rt, left], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?,
         Some(names) if names.is_empty() => Vec::new(),
         Some(names) => {
             let list = serde_json::to_string(names).expect("strings serialize");
-            c.prepare_cached(filtered_sql)?.query_map(params![rt, left, list], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?
+            c.prepare_cached(filtered_sql)?
+                .query_map(params![rt, left, list], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?
         }
     };
     candidates.extend(named);
@@ -312,7 +321,9 @@ fn settle(c: &Connection, s: &SettleReq, now: i64, policy: &RetryPolicy) -> Resu
         }
     }
     let row: Option<(i64, i64, i64)> = c
-        .prepare_cached("SELECT attempts, retries, cancel FROM tasks WHERE id = ?1 AND token = ?2 AND state = 'running'")?
+        .prepare_cached(
+            "SELECT attempts, retries, cancel FROM tasks WHERE id = ?1 AND token = ?2 AND state = 'running'",
+        )?
         .query_row(params![s.id, s.token], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let Some((attempts, retries, cancel)) = row else {
@@ -377,11 +388,14 @@ fn settle(c: &Connection, s: &SettleReq, now: i64, policy: &RetryPolicy) -> Resu
 /// Running tasks whose dispatcher is not alive go back to `new` (a lost run, not an attempt), or
 /// to `aborted` when cancelled or lost too often. `only` limits it to one dispatcher's tasks.
 fn release_lost(c: &Connection, now: i64, max_lost: u32, only: Option<i64>) -> Result<u64> {
-    let lost_msg = ErrorRecord::new("WorkerLost", format!("worker lost more than {max_lost} times; given up")).to_json();
+    let lost_msg =
+        ErrorRecord::new("WorkerLost", format!("worker lost more than {max_lost} times; given up")).to_json();
     let scope = match only {
         Some(_) => "dispatcher_id = ?6",
-        None => "(dispatcher_id IS NULL OR dispatcher_id NOT IN
-                  (SELECT id FROM dispatchers WHERE boot_id = ?6 AND beat_mono + lease_ms * 1000 >= ?7))",
+        None => {
+            "(dispatcher_id IS NULL OR dispatcher_id NOT IN
+                  (SELECT id FROM dispatchers WHERE boot_id = ?6 AND beat_mono + lease_ms * 1000 >= ?7))"
+        }
     };
     let sql = format!(
         "UPDATE tasks SET
@@ -397,7 +411,9 @@ fn release_lost(c: &Connection, now: i64, max_lost: u32, only: Option<i64>) -> R
     let (reset, cancelled) = (cancel_record(2).to_json(), cancel_record(1).to_json());
     let n = match only {
         Some(id) => stmt.execute(params![now, max_lost, lost_msg, reset, cancelled, id])?,
-        None => stmt.execute(params![now, max_lost, lost_msg, reset, cancelled, clock::boot_id(), clock::mono_micros()])?,
+        None => {
+            stmt.execute(params![now, max_lost, lost_msg, reset, cancelled, clock::boot_id(), clock::mono_micros()])?
+        }
     };
     Ok(n as u64)
 }
@@ -482,7 +498,11 @@ impl Backend for SqliteStore {
             let Some((state, attempts, lost)) = row else { return Err(Error::NotFound(task)) };
             let state: State = state.parse()?;
             if state != State::New || attempts > 0 || lost > 0 {
-                return Err(Error::InvalidState { task, state: if state == State::New { State::Running } else { state }, action: "add a dependency to" });
+                return Err(Error::InvalidState {
+                    task,
+                    state: if state == State::New { State::Running } else { state },
+                    action: "add a dependency to",
+                });
             }
             for &dep in deps {
                 if !exists(c, dep)? {
@@ -558,7 +578,8 @@ impl Backend for SqliteStore {
         // Walks the table by id ranges (no index on finish times: it would cost every outcome a
         // page write), each range its own short write transaction.
         const SPAN: i64 = 5_000;
-        let (lo, hi): (Option<i64>, Option<i64>) = self.read(|c| Ok(c.query_row("SELECT min(id), max(id) FROM tasks", [], |r| Ok((r.get(0)?, r.get(1)?)))?))?;
+        let (lo, hi): (Option<i64>, Option<i64>) =
+            self.read(|c| Ok(c.query_row("SELECT min(id), max(id) FROM tasks", [], |r| Ok((r.get(0)?, r.get(1)?)))?))?;
         let (Some(mut lo), Some(hi)) = (lo, hi) else { return Ok(0) };
         let mut total = 0;
         while lo <= hi {
@@ -715,7 +736,9 @@ impl Backend for SqliteStore {
                 dispatcher_row(c, Some(id), reg, now)?;
             }
             let cancels = c
-                .prepare_cached("SELECT id, cancel FROM tasks WHERE state = 'running' AND dispatcher_id = ?1 AND cancel > 0")?
+                .prepare_cached(
+                    "SELECT id, cancel FROM tasks WHERE state = 'running' AND dispatcher_id = ?1 AND cancel > 0",
+                )?
                 .query_map([id], |r| {
                     let code: i64 = r.get(1)?;
                     Ok((r.get(0)?, if code == 2 { CancelReason::Reset } else { CancelReason::Cancelled }))
@@ -747,7 +770,13 @@ impl Backend for SqliteStore {
         })
     }
 
-    fn cycle(&self, settles: &[SettleReq], progress: &[ProgressReq], claim_req: Option<ClaimReq<'_>>, retry: &RetryPolicy) -> Result<CycleOut> {
+    fn cycle(
+        &self,
+        settles: &[SettleReq],
+        progress: &[ProgressReq],
+        claim_req: Option<ClaimReq<'_>>,
+        retry: &RetryPolicy,
+    ) -> Result<CycleOut> {
         let now = clock::now_micros();
         self.write(|c| {
             let settled = settles.iter().map(|s| settle(c, s, now, retry)).collect::<Result<Vec<_>>>()?;
