@@ -767,3 +767,28 @@ fn status_report_shows_dispatchers_queues_and_running_tasks() {
     }
     ok(&w, &c);
 }
+
+#[test]
+fn rows_written_by_an_older_sqlite_shell_get_time_defaults() {
+    // Debian 12's sqlite3 shell is 3.40: the schema's defaults must not need newer functions.
+    let Ok(out) = std::process::Command::new("sqlite3").arg("--version").output() else {
+        eprintln!("no sqlite3 shell on PATH; make setup-ruby installs it");
+        return;
+    };
+    assert!(out.status.success());
+    let db = sqlite();
+    let id = db.store.enqueue(py("first")).unwrap().id;
+    let status = std::process::Command::new("sqlite3")
+        .arg(db.path())
+        .arg("PRAGMA busy_timeout = 5000; INSERT INTO tasks (runtime, target) VALUES ('python', 'tests.jobs:by_hand');")
+        .status()
+        .unwrap();
+    assert!(status.success(), "the shell could insert a row with defaults");
+    let t = db.store.task(id + 1).unwrap();
+    let now = clock::now_micros();
+    assert!((now - t.enqueued_at).abs() < 60_000_000 && t.run_at <= now, "defaults are now, in microseconds: {t:?}");
+    let d = dispatcher(&db.store, Runtime::Python);
+    let w = d.worker();
+    let got: HashSet<TaskId> = [claim(&w).task.id, claim(&w).task.id].into();
+    assert_eq!(got, HashSet::from([id, id + 1]), "the hand-written row is claimable");
+}

@@ -32,6 +32,8 @@ fn recompute_head(queue_expr: &str) -> String {
 fn v1() -> String {
     format!(
         r#"
+-- Time defaults use julianday(), not unixepoch('subsec') (SQLite 3.42+), so rows written by hand
+-- with an older sqlite3 shell (Debian 12 ships 3.40) still get them.
 CREATE TABLE tasks (
   id            INTEGER PRIMARY KEY,
   queue         TEXT CHECK (queue IS NULL OR length(queue) BETWEEN 1 AND 200),
@@ -45,7 +47,7 @@ CREATE TABLE tasks (
   attempts      INTEGER NOT NULL DEFAULT 0,
   retries       INTEGER NOT NULL DEFAULT 0 CHECK (retries >= 0),
   lost          INTEGER NOT NULL DEFAULT 0,
-  run_at        INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000000 AS INTEGER)),
+  run_at        INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)),
   delayed       INTEGER NOT NULL DEFAULT 0,
   timeout_ms    INTEGER,
   unique_key    TEXT,
@@ -55,7 +57,7 @@ CREATE TABLE tasks (
   error_history TEXT,
   message       TEXT,
   perc_finished REAL,
-  enqueued_at   INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000000 AS INTEGER)),
+  enqueued_at   INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)),
   started_at    INTEGER,
   finished_at   INTEGER,
   dispatcher_id INTEGER,
