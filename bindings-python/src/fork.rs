@@ -12,8 +12,15 @@ pub fn _before_fork(py: Python<'_>) {
     py.detach(queue_dispatcher_core::fork::prepare);
 }
 
-/// `after_in_parent=` and (through the package) `after_in_child=`: releases them.
+/// `after_in_parent=`: releases them.
 #[pyfunction]
 pub fn _after_fork() {
-    queue_dispatcher_core::fork::after();
+    queue_dispatcher_core::fork::after_in_parent();
+}
+
+/// `after_in_child=` (through the package): releases SQLite's locks; the inherited databases are
+/// abandoned and opened again at their next use.
+#[pyfunction]
+pub fn _after_fork_child() {
+    queue_dispatcher_core::fork::after_in_child();
 }

@@ -36,6 +36,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(store::_core_enqueue_rate, m)?)?;
     m.add_function(wrap_pyfunction!(fork::_before_fork, m)?)?;
     m.add_function(wrap_pyfunction!(fork::_after_fork, m)?)?;
+    m.add_function(wrap_pyfunction!(fork::_after_fork_child, m)?)?;
     m.add_function(wrap_pyfunction!(store::_core_drain_rate, m)?)?;
     Ok(())
 }

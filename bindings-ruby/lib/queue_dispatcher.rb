@@ -144,10 +144,11 @@ module QueueDispatcher
   module ForkHook
     def _fork
       QueueDispatcher::Native.before_fork
+      pid = nil
       begin
         pid = super
       ensure
-        QueueDispatcher::Native.after_fork
+        QueueDispatcher::Native.after_fork(pid == 0)
       end
       QueueDispatcher.after_fork if pid.zero?
       pid

@@ -141,7 +141,12 @@ pub fn before_fork() -> Result<(), Error> {
     without_gvl(queue_dispatcher_core::fork::prepare, no_ubf)
 }
 
-/// `Process._fork` hook, after the fork, in the parent and in the child: releases them.
-pub fn after_fork() {
-    queue_dispatcher_core::fork::after();
+/// `Process._fork` hook, after the fork: releases them (in the child only SQLite's: the
+/// inherited databases are abandoned and opened again at their next use).
+pub fn after_fork(in_child: bool) {
+    if in_child {
+        queue_dispatcher_core::fork::after_in_child();
+    } else {
+        queue_dispatcher_core::fork::after_in_parent();
+    }
 }

@@ -30,7 +30,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     native.define_module_function("bench_core_enqueue", function!(admin::bench_core_enqueue, 4))?;
     native.define_module_function("bench_core_drain", function!(admin::bench_core_drain, 2))?;
     native.define_module_function("before_fork", function!(admin::before_fork, 0))?;
-    native.define_module_function("after_fork", function!(admin::after_fork, 0))?;
+    native.define_module_function("after_fork", function!(admin::after_fork, 1))?;
 
     let pid = native.define_class("PidFile", ruby.class_object())?;
     pid.define_singleton_method("acquire", function!(admin::RbPidFile::acquire, 1))?;

@@ -39,13 +39,15 @@ pub use task::{
 };
 
 /// Hooks for hosts that fork (gunicorn --preload, Puma preload_app!): call [`fork::prepare`]
-/// right before fork() and [`fork::after`] right after it, in the parent and in the child
-/// (`os.register_at_fork`, `Process._fork`). Every Store handle keeps working on both sides:
-/// the child abandons its inherited connections (never closing them, which would drop the
-/// parent's locks) and opens the file again. Dispatchers do not survive fork (their threads do
-/// not exist in the child); start worker processes by exec.
+/// right before fork(), then [`fork::after_in_parent`] in the parent and
+/// [`fork::after_in_child`] in the child (`os.register_at_fork`, `Process._fork`). Every Store
+/// handle keeps working on both sides: the child abandons its inherited connections (never
+/// closing them, which would drop the parent's locks) and opens the file again. Dispatchers do
+/// not survive fork (their threads do not exist in the child); start worker processes by exec.
 pub mod fork {
-    pub use crate::store::db_fork::{after_fork as after, prepare_fork as prepare};
+    pub use crate::store::db_fork::{
+        after_fork_in_child as after_in_child, after_fork_in_parent as after_in_parent, prepare_fork as prepare,
+    };
 }
 
 /// The engine's version (the one version of the project).

@@ -792,3 +792,31 @@ fn rows_written_by_an_older_sqlite_shell_get_time_defaults() {
     let got: HashSet<TaskId> = [claim(&w).task.id, claim(&w).task.id].into();
     assert_eq!(got, HashSet::from([id, id + 1]), "the hand-written row is claimable");
 }
+
+#[test]
+fn dispatchers_apply_automatic_retention() {
+    each_store(|s, _| {
+        let old = s.enqueue(py("old")).unwrap().id;
+        let failed = s.enqueue(py("failed")).unwrap().id;
+        {
+            let d = dispatcher(s, Runtime::Python);
+            let w = d.worker();
+            for _ in 0..2 {
+                let c = claim(&w);
+                if c.task.id == old {
+                    ok(&w, &c);
+                } else {
+                    fail(&w, &c, "boom");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        // Keep successful tasks for 0 s but failed ones for an hour: only the successful one goes.
+        let mut cfg = DispatcherConfig::new(Runtime::Python);
+        cfg.keep_successful = Duration::ZERO;
+        cfg.keep_failed = Duration::from_secs(3600);
+        let _d = Dispatcher::start(s, cfg).unwrap();
+        wait_until("retention purge", Duration::from_secs(5), || matches!(s.task(old), Err(Error::NotFound(_))));
+        assert_eq!(s.task(failed).unwrap().state, State::Error, "failed tasks are kept longer");
+    });
+}

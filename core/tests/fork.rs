@@ -56,11 +56,12 @@ fn forking_while_the_engine_is_busy_keeps_both_sides_working() {
             // SAFETY: the child only runs engine calls prepared for it by fork::prepare/after and
             // leaves with _exit, never returning into the test harness.
             let pid = unsafe { libc::fork() };
-            fork::after();
             if pid == 0 {
+                fork::after_in_child();
                 let code = child_body(&store);
                 unsafe { libc::_exit(code) };
             }
+            fork::after_in_parent();
             assert!(pid > 0, "fork failed");
             let deadline = Instant::now() + Duration::from_secs(20);
             let mut status = 0;

@@ -50,7 +50,7 @@ def _reset_after_fork() -> None:
     # A lock held by another thread at fork time would stay held forever in the child.
     global _lock
     _lock = threading.Lock()
-    _native._after_fork()
+    _native._after_fork_child()
 
 
 # SQLite's global mutexes are held across the fork so no other thread holds one in the child.

@@ -68,7 +68,13 @@ pub(super) struct Db {
 
 /// (pid, file, options) → the Db of that process; entries of other pids are stale after fork.
 type Registry = Vec<(u32, PathBuf, Config, Weak<Db>)>;
-static REGISTRY: Mutex<Registry> = Mutex::new(Vec::new());
+// A std Mutex: its unlock is a plain atomic store plus a futex wake, which is safe in a forked
+// child, where parking_lot's unlock may have to take a global lock a dead thread held.
+static REGISTRY: std::sync::Mutex<Registry> = std::sync::Mutex::new(Vec::new());
+
+fn registry() -> std::sync::MutexGuard<'static, Registry> {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Absolute, symlink-free path of a file that may not exist yet.
 fn normalize(path: &Path) -> Result<PathBuf> {
@@ -148,7 +154,7 @@ impl Db {
     pub fn get(config: &Config) -> Result<Arc<Db>> {
         let path = normalize(&config.path)?;
         let pid = std::process::id();
-        let mut reg = REGISTRY.lock();
+        let mut reg = registry();
         reg.retain(|(p, _, _, w)| *p == pid && w.strong_count() > 0);
         // Same file with the same options: share it. Other options get their own connections.
         let same = |c: &Config| {
@@ -492,6 +498,12 @@ fn spawn_maintenance(db: &Arc<Db>, stop_rx: Receiver<()>) -> Result<JoinHandle<(
 /// Dbs whose locks the forking thread holds between [`prepare_fork`] and the after-fork calls.
 static FORKING: Mutex<Vec<Arc<Db>>> = Mutex::new(Vec::new());
 
+thread_local! {
+    /// The registry guard the forking thread holds across fork().
+    static REGISTRY_HELD: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Registry>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// SQLite's static mutexes, outer ones first (the order SQLite nests them).
 const SQLITE_STATIC_MUTEXES: [libc::c_int; 12] = [
     rusqlite::ffi::SQLITE_MUTEX_STATIC_MAIN,
@@ -521,8 +533,7 @@ fn sqlite_static_mutexes() -> impl DoubleEndedIterator<Item = *mut rusqlite::ffi
 pub fn prepare_fork() {
     let wait = Duration::from_secs(2);
     let pid = std::process::id();
-    let dbs: Vec<Arc<Db>> =
-        REGISTRY.lock().iter().filter(|(p, ..)| *p == pid).filter_map(|(.., w)| w.upgrade()).collect();
+    let dbs: Vec<Arc<Db>> = registry().iter().filter(|(p, ..)| *p == pid).filter_map(|(.., w)| w.upgrade()).collect();
     let mut held = Vec::new();
     for db in dbs {
         let Some(writer) = db.writer.try_lock_for(wait) else { continue };
@@ -532,27 +543,40 @@ pub fn prepare_fork() {
         held.push(db);
     }
     *FORKING.lock() = held;
-    std::mem::forget(REGISTRY.lock());
+    let guard = registry();
+    REGISTRY_HELD.with(|h| *h.borrow_mut() = Some(guard));
     for m in sqlite_static_mutexes() {
-        // SAFETY: a valid static mutex, left again by after_fork on this same thread.
+        // SAFETY: a valid static mutex, left again by the after-fork call on this same thread.
         unsafe { rusqlite::ffi::sqlite3_mutex_enter(m) };
     }
 }
 
-/// After fork(), in the parent and in the child (on the thread that called [`prepare_fork`]).
-/// In the child every inherited database is abandoned at its next use and opened afresh.
-pub fn after_fork() {
+fn release_sqlite_and_registry() {
     for m in sqlite_static_mutexes().rev() {
         // SAFETY: entered by prepare_fork on this thread (in the child: its copy).
         unsafe { rusqlite::ffi::sqlite3_mutex_leave(m) };
     }
-    // SAFETY: prepare_fork locked the registry and forgot the guard, on this thread.
-    unsafe { REGISTRY.force_unlock() };
-    for db in FORKING.lock().drain(..) {
+    REGISTRY_HELD.with(|h| drop(h.borrow_mut().take()));
+}
+
+/// After fork(), in the parent (on the thread that called [`prepare_fork`]).
+pub fn after_fork_in_parent() {
+    release_sqlite_and_registry();
+    let held = std::mem::take(&mut *FORKING.lock());
+    for db in held {
         // SAFETY: prepare_fork took both locks on this thread and forgot the guards.
         unsafe {
             db.quiesce.force_unlock_write();
             db.writer.force_unlock();
         }
     }
+}
+
+/// After fork(), in the child. The inherited databases are abandoned (each Store opens the file
+/// again at its next use), so their locks are left as they are: releasing one that a parent
+/// thread waited for would try to wake that thread through parking_lot's global table, whose
+/// lock a thread that does not exist here may hold.
+pub fn after_fork_in_child() {
+    release_sqlite_and_registry();
+    std::mem::forget(std::mem::take(&mut *FORKING.lock()));
 }

@@ -5,7 +5,7 @@
 
 mod db;
 pub(crate) mod db_fork {
-    pub use super::db::{after_fork, prepare_fork};
+    pub use super::db::{after_fork_in_child, after_fork_in_parent, prepare_fork};
 }
 pub(crate) mod schema;
 mod sqlite;
