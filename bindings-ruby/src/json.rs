@@ -109,15 +109,8 @@ fn write_hash(out: &mut String, h: RHash, path: &mut String, depth: usize) -> Re
     out.push('{');
     let base = path.len();
     let mut first = true;
-    let mut result = Ok(());
-    h.foreach(|k: Value, val: Value| {
-        let key = match key_string(&path[..], k) {
-            Ok(k) => k,
-            Err(e) => {
-                result = Err(e);
-                return Ok(ForEach::Stop);
-            }
-        };
+    try_foreach(h, |k: Value, val: Value| {
+        let key = key_string(&path[..], k)?;
         if !first {
             out.push(',');
         }
@@ -131,15 +124,8 @@ fn write_hash(out: &mut String, h: RHash, path: &mut String, depth: usize) -> Re
         }
         let r = write(out, val, path, depth + 1);
         path.truncate(base);
-        match r {
-            Ok(()) => Ok(ForEach::Continue),
-            Err(e) => {
-                result = Err(e);
-                Ok(ForEach::Stop)
-            }
-        }
+        r
     })?;
-    result?;
     out.push('}');
     Ok(())
 }
@@ -169,4 +155,22 @@ pub fn dump_json(value: Value, name: String) -> Result<String, Error> {
     let mut path = name;
     write(&mut out, value, &mut path, 0)?;
     Ok(out)
+}
+
+/// `RHash#each` with a fallible body: stops at the first error and returns it. The error travels
+/// out of the block as a value, so nothing unwinds through Ruby's iteration.
+pub fn try_foreach<K, V>(hash: RHash, mut f: impl FnMut(K, V) -> Result<(), Error>) -> Result<(), Error>
+where
+    K: magnus::TryConvert,
+    V: magnus::TryConvert,
+{
+    let mut result = Ok(());
+    hash.foreach(|k: K, v: V| match f(k, v) {
+        Ok(()) => Ok(ForEach::Continue),
+        Err(e) => {
+            result = Err(e);
+            Ok(ForEach::Stop)
+        }
+    })?;
+    result
 }

@@ -129,10 +129,9 @@ fn opt_i64(field: &str, v: Value) -> Result<Option<i64>, Error> {
 
 /// Applies the enqueue options (already normalized by the Ruby library) to `t`.
 fn apply_options(t: &mut NewTask, opts: RHash) -> Result<(), Error> {
-    let mut result = Ok(());
-    opts.foreach(|k: Symbol, v: Value| {
+    json::try_foreach(opts, |k: Symbol, v: Value| {
         let name = k.name()?;
-        let r = (|| -> Result<(), Error> {
+        {
             match &*name {
                 "queue" => t.queue = opt_string("queue", v)?,
                 "priority" => t.priority = opt_i64("priority", v)?.unwrap_or(queue_dispatcher_core::DEFAULT_PRIORITY),
@@ -179,16 +178,8 @@ fn apply_options(t: &mut NewTask, opts: RHash) -> Result<(), Error> {
                 other => return Err(invalid("options", format!("unknown option {other:?}"))),
             }
             Ok(())
-        })();
-        match r {
-            Ok(()) => Ok(ForEach::Continue),
-            Err(e) => {
-                result = Err(e);
-                Ok(ForEach::Stop)
-            }
         }
-    })?;
-    result
+    })
 }
 
 fn state_list(states: RArray) -> Result<Vec<State>, Error> {
@@ -321,44 +312,31 @@ impl RbStore {
     pub fn list(ruby: &Ruby, rb_self: &Self, filter: Option<RHash>) -> Result<RArray, Error> {
         let mut f = TaskFilter::default();
         if let Some(h) = filter {
-            let mut result = Ok(());
-            h.foreach(|k: Symbol, v: Value| {
-                let r = (|| -> Result<(), Error> {
-                    match &*k.name()? {
-                        "states" => f.states = state_list(RArray::try_convert(v)?)?,
-                        "queue" if v.as_raw() == rb_sys::special_consts::Qfalse as rb_sys::VALUE => {
-                            f.queue = Some(None)
-                        }
-                        "queue" => f.queue = opt_string("queue", v)?.map(Some),
-                        "runtime" => f.runtime = opt_string("runtime", v)?.map(|r| r.parse()).transpose().rb()?,
-                        "meta" => {
-                            let mut pairs = Vec::new();
-                            RHash::try_convert(v)?.foreach(|mk: Value, mv: Value| {
-                                let key = match String::try_convert(mk) {
-                                    Ok(s) => s,
-                                    Err(_) => Symbol::try_convert(mk)?.name()?.into_owned(),
-                                };
-                                pairs.push((key.clone(), json::dump_json(mv, format!("meta[{key:?}]"))?));
-                                Ok(ForEach::Continue)
-                            })?;
-                            f.meta = pairs;
-                        }
-                        "limit" => f.limit = opt_i64("limit", v)?.map(|n| n.clamp(0, u32::MAX as i64) as u32),
-                        "offset" => f.offset = opt_i64("offset", v)?.map(|n| n.clamp(0, u32::MAX as i64) as u32),
-                        "descending" => f.descending = v.to_bool(),
-                        other => return Err(invalid("filter", format!("unknown filter {other:?}"))),
+            json::try_foreach(h, |k: Symbol, v: Value| {
+                match &*k.name()? {
+                    "states" => f.states = state_list(RArray::try_convert(v)?)?,
+                    "queue" if v.as_raw() == rb_sys::special_consts::Qfalse as rb_sys::VALUE => f.queue = Some(None),
+                    "queue" => f.queue = opt_string("queue", v)?.map(Some),
+                    "runtime" => f.runtime = opt_string("runtime", v)?.map(|r| r.parse()).transpose().rb()?,
+                    "meta" => {
+                        let mut pairs = Vec::new();
+                        RHash::try_convert(v)?.foreach(|mk: Value, mv: Value| {
+                            let key = match String::try_convert(mk) {
+                                Ok(s) => s,
+                                Err(_) => Symbol::try_convert(mk)?.name()?.into_owned(),
+                            };
+                            pairs.push((key.clone(), json::dump_json(mv, format!("meta[{key:?}]"))?));
+                            Ok(ForEach::Continue)
+                        })?;
+                        f.meta = pairs;
                     }
-                    Ok(())
-                })();
-                match r {
-                    Ok(()) => Ok(ForEach::Continue),
-                    Err(e) => {
-                        result = Err(e);
-                        Ok(ForEach::Stop)
-                    }
+                    "limit" => f.limit = opt_i64("limit", v)?.map(|n| n.clamp(0, u32::MAX as i64) as u32),
+                    "offset" => f.offset = opt_i64("offset", v)?.map(|n| n.clamp(0, u32::MAX as i64) as u32),
+                    "descending" => f.descending = v.to_bool(),
+                    other => return Err(invalid("filter", format!("unknown filter {other:?}"))),
                 }
+                Ok(())
             })?;
-            result?;
         }
         let store = &rb_self.0;
         let tasks = without_gvl(|| store.list(&f), no_ubf)?.rb()?;

@@ -66,42 +66,30 @@ impl RbDispatcher {
         let mut cfg = DispatcherConfig::new(Runtime::Ruby);
         let mut named: Option<Vec<String>> = None;
         let mut parallel = true;
-        let mut result = Ok(());
-        opts.foreach(|k: Symbol, v: Value| {
-            let r = (|| -> Result<(), Error> {
-                match &*k.name()? {
-                    "workers" => {
-                        cfg.workers =
-                            usize::try_convert(v).map_err(|_| invalid("workers", "must be a positive Integer"))?
-                    }
-                    "queues" => {
-                        named = Option::<Vec<String>>::try_convert(v)
-                            .map_err(|_| invalid("queues", "must be an Array of queue names"))?
-                    }
-                    "parallel" => parallel = v.to_bool(),
-                    "name" => cfg.name = Option::<String>::try_convert(v)?,
-                    "heartbeat" => cfg.heartbeat = secs("heartbeat", v)?,
-                    "lease" => cfg.lease = secs("lease", v)?,
-                    "max_lost" => {
-                        cfg.max_lost = u32::try_convert(v).map_err(|_| invalid("max_lost", "must be an Integer"))?
-                    }
-                    "retry_base" => cfg.retry_base = secs("retry_base", v)?,
-                    "retry_cap" => cfg.retry_cap = secs("retry_cap", v)?,
-                    "keep_successful" => cfg.keep_successful = secs("keep_successful", v)?,
-                    "keep_failed" => cfg.keep_failed = secs("keep_failed", v)?,
-                    other => return Err(invalid("dispatcher", format!("unknown option {other:?}"))),
+        crate::json::try_foreach(opts, |k: Symbol, v: Value| {
+            match &*k.name()? {
+                "workers" => {
+                    cfg.workers = usize::try_convert(v).map_err(|_| invalid("workers", "must be a positive Integer"))?
                 }
-                Ok(())
-            })();
-            match r {
-                Ok(()) => Ok(magnus::r_hash::ForEach::Continue),
-                Err(e) => {
-                    result = Err(e);
-                    Ok(magnus::r_hash::ForEach::Stop)
+                "queues" => {
+                    named = Option::<Vec<String>>::try_convert(v)
+                        .map_err(|_| invalid("queues", "must be an Array of queue names"))?
                 }
+                "parallel" => parallel = v.to_bool(),
+                "name" => cfg.name = Option::<String>::try_convert(v)?,
+                "heartbeat" => cfg.heartbeat = secs("heartbeat", v)?,
+                "lease" => cfg.lease = secs("lease", v)?,
+                "max_lost" => {
+                    cfg.max_lost = u32::try_convert(v).map_err(|_| invalid("max_lost", "must be an Integer"))?
+                }
+                "retry_base" => cfg.retry_base = secs("retry_base", v)?,
+                "retry_cap" => cfg.retry_cap = secs("retry_cap", v)?,
+                "keep_successful" => cfg.keep_successful = secs("keep_successful", v)?,
+                "keep_failed" => cfg.keep_failed = secs("keep_failed", v)?,
+                other => return Err(invalid("dispatcher", format!("unknown option {other:?}"))),
             }
+            Ok(())
         })?;
-        result?;
         cfg.queues = QueueSelection { named, parallel };
         let store: Store = store.0.clone();
         let d = without_gvl(move || Dispatcher::start(&store, cfg), no_ubf)?.rb()?;
