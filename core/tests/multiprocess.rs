@@ -13,17 +13,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::py;
+use common::{child_env, py, spawn_child_process, ChildEnv};
 use queue_dispatcher_core::*;
-
-const ROLE_ENV: &str = "QD_TEST_CHILD_ROLE";
-const DB_PATH_ENV: &str = "QD_TEST_CHILD_DB";
-const DIR_ENV: &str = "QD_TEST_CHILD_DIR";
-const ARG_ENV: &str = "QD_TEST_CHILD_ARG";
 
 const LEASE: Duration = Duration::from_secs(2);
 const HEARTBEAT: Duration = Duration::from_millis(200);
@@ -46,18 +40,7 @@ struct ChildProc {
 
 fn spawn_child(dir: &Path, name: &str, role: &str, db: &Path, arg: &str) -> ChildProc {
     let output = dir.join(format!("{name}.out"));
-    let out = File::create(&output).expect("child output file");
-    let child = Command::new(std::env::current_exe().expect("current_exe"))
-        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env(ROLE_ENV, role)
-        .env(DB_PATH_ENV, db)
-        .env(DIR_ENV, dir)
-        .env(ARG_ENV, arg)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("dup output file"))
-        .stderr(out)
-        .spawn()
-        .expect("spawn child process");
+    let child = spawn_child_process(role, db, dir, arg, &output);
     ChildProc { name: name.to_string(), child, output }
 }
 
@@ -136,12 +119,9 @@ fn wait_for_file(path: &Path, timeout: Duration) {
 /// Entry point of the child processes; does nothing in a normal test run.
 #[test]
 fn child_entry() {
-    let Ok(role) = std::env::var(ROLE_ENV) else {
+    let Some(ChildEnv { role, db, dir, arg }) = child_env() else {
         return;
     };
-    let db = PathBuf::from(std::env::var(DB_PATH_ENV).expect("db path"));
-    let dir = PathBuf::from(std::env::var(DIR_ENV).expect("dir"));
-    let arg = std::env::var(ARG_ENV).unwrap_or_default();
     let store = Store::open(&Config::new(&db)).unwrap_or_else(|e| panic!("child {role}: open {}: {e}", db.display()));
     match role.as_str() {
         "drain" => child_drain(&store, &dir, &arg),

@@ -7,20 +7,14 @@ mod common;
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::py;
+use common::{child_env, py, spawn_child_process, ChildEnv};
 use queue_dispatcher_core::*;
 use rusqlite::Connection;
-
-const ROLE_ENV: &str = "QD_TEST_CHILD_ROLE";
-const DB_PATH_ENV: &str = "QD_TEST_CHILD_DB";
-const DIR_ENV: &str = "QD_TEST_CHILD_DIR";
-const ARG_ENV: &str = "QD_TEST_CHILD_ARG";
 
 fn sqlite(path: &Path) -> Connection {
     Connection::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
@@ -284,12 +278,9 @@ const OPEN_ROUNDS: usize = 10;
 /// Entry point of the child processes; does nothing in a normal test run.
 #[test]
 fn child_entry() {
-    let Ok(role) = std::env::var(ROLE_ENV) else {
+    let Some(ChildEnv { role, db, dir, arg }) = child_env() else {
         return;
     };
-    let db = PathBuf::from(std::env::var(DB_PATH_ENV).expect("db path"));
-    let dir = PathBuf::from(std::env::var(DIR_ENV).expect("dir"));
-    let arg = std::env::var(ARG_ENV).unwrap_or_default();
     match role.as_str() {
         "open" => {
             File::create(dir.join(format!("ready-{arg}"))).expect("ready file");
@@ -374,18 +365,7 @@ fn race_first_open(dir: &Path, db: &Path) {
         (0..OPEN_PROCS)
             .map(|i| {
                 let output = dir.join(format!("open{i}.out"));
-                let out = File::create(&output).expect("output file");
-                let child = Command::new(std::env::current_exe().expect("current_exe"))
-                    .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-                    .env(ROLE_ENV, "open")
-                    .env(DB_PATH_ENV, db)
-                    .env(DIR_ENV, dir)
-                    .env(ARG_ENV, i.to_string())
-                    .stdin(Stdio::null())
-                    .stdout(out.try_clone().expect("dup"))
-                    .stderr(out)
-                    .spawn()
-                    .expect("spawn child");
+                let child = spawn_child_process("open", db, dir, &i.to_string(), &output);
                 (child, output)
             })
             .collect(),

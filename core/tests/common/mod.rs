@@ -69,3 +69,51 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Child processes of multi-process tests are the test binary run again with only its
+/// `child_entry` test selected; role and parameters travel in these environment variables.
+const ROLE_ENV: &str = "QD_TEST_CHILD_ROLE";
+const DB_PATH_ENV: &str = "QD_TEST_CHILD_DB";
+const DIR_ENV: &str = "QD_TEST_CHILD_DIR";
+const ARG_ENV: &str = "QD_TEST_CHILD_ARG";
+
+/// What a child process was started to do.
+pub struct ChildEnv {
+    pub role: String,
+    pub db: std::path::PathBuf,
+    pub dir: std::path::PathBuf,
+    pub arg: String,
+}
+
+/// In `child_entry`: the child's parameters, or `None` in a normal test run.
+pub fn child_env() -> Option<ChildEnv> {
+    let role = std::env::var(ROLE_ENV).ok()?;
+    Some(ChildEnv {
+        role,
+        db: std::env::var(DB_PATH_ENV).expect("db path").into(),
+        dir: std::env::var(DIR_ENV).expect("dir").into(),
+        arg: std::env::var(ARG_ENV).unwrap_or_default(),
+    })
+}
+
+/// Starts this test binary as a child in `role`, its output going to `output`.
+pub fn spawn_child_process(
+    role: &str,
+    db: &std::path::Path,
+    dir: &std::path::Path,
+    arg: &str,
+    output: &std::path::Path,
+) -> std::process::Child {
+    let out = std::fs::File::create(output).expect("child output file");
+    std::process::Command::new(std::env::current_exe().expect("current_exe"))
+        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env(ROLE_ENV, role)
+        .env(DB_PATH_ENV, db)
+        .env(DIR_ENV, dir)
+        .env(ARG_ENV, arg)
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().expect("dup output file"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn child process")
+}
