@@ -577,12 +577,14 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
         Request::Stop => *stop = true,
     };
 
-    // Held while workers wait for tasks, so other processes' commits wake this thread.
+    // Held while workers wait and the last claim came up short, so other processes' commits
+    // wake this thread. Not while claims are being served: watching the WAL makes every write
+    // to it raise an inotify event, our own commits included.
     let mut interest = None;
     loop {
-        match (parked.is_empty(), interest.is_some()) {
-            (false, false) => interest = Some(inner.hub.interest()),
-            (true, true) => interest = None,
+        match (!parked.is_empty() && !maybe_work, interest.is_some()) {
+            (true, false) => interest = Some(inner.hub.interest()),
+            (false, true) => interest = None,
             _ => {}
         }
         let now = Instant::now();

@@ -187,6 +187,38 @@ fn wal_shrinks_under_its_limit_after_a_long_reader_ends() {
     assert_eq!(integrity(&db), "ok");
 }
 
+/// A busy writer with no reader pinning the WAL: the maintenance thread rewinds it whenever a
+/// quarter of the limit has been written, so the same file is overwritten again and again (never
+/// truncated and regrown, which costs the kernel a fresh zeroed page per frame).
+#[test]
+fn a_busy_writer_reuses_the_wal_instead_of_growing_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("queue.db");
+    let config = Config::new(&db);
+    let limit = config.wal_limit_bytes;
+    let store = Store::open(&config).expect("open");
+    let payload = format!(r#"{{"args":["{}"],"kwargs":{{}}}}"#, "x".repeat(100));
+    let (mut largest, mut shrank, mut written) = (0, 0, 0u64);
+    let mut last = 0;
+    // Every enqueue appends at least one 4 KiB frame: this writes 15 times the limit.
+    while written < 15 * limit {
+        for _ in 0..100 {
+            store.enqueue(py("busy").args(payload.clone())).expect("enqueue");
+        }
+        written += 100 * 4096;
+        let size = wal_size(&db);
+        largest = largest.max(size);
+        if size < last {
+            shrank += 1;
+        }
+        last = size;
+    }
+    eprintln!("wrote over {written} bytes of frames; the -wal file peaked at {largest} bytes, shrank {shrank} times");
+    assert!(largest <= limit, "the -wal file reached {largest} bytes (limit {limit}) with no reader holding it");
+    assert_eq!(shrank, 0, "the -wal file was truncated {shrank} times instead of being rewound and reused");
+    assert_eq!(integrity(&db), "ok");
+}
+
 // ---------------------------------------------------------------------------------------------
 // c. Files that are not ours are refused and left unchanged
 

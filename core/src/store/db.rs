@@ -9,13 +9,13 @@ use std::cell::Cell;
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use parking_lot::{Mutex, ReentrantMutex, RwLock};
+use parking_lot::{Condvar, Mutex, ReentrantMutex, RwLock};
 use rusqlite::{Connection, OpenFlags};
 
 use super::schema;
@@ -62,6 +62,9 @@ pub(super) struct Db {
     /// Set by every local commit; the maintenance thread checkpoints when it finds it set.
     dirty: Arc<AtomicBool>,
     stop_maintenance: Sender<()>,
+    /// The writer's WAL hook sends here once the WAL holds enough frames to be worth rewinding.
+    rewind: Receiver<()>,
+    wal: Arc<WalFrames>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop_pipe: [libc::c_int; 2],
 }
@@ -181,6 +184,20 @@ impl Db {
         schema::inspect(&conn, &display).map_err(not_db)?;
         configure(&conn, config).map_err(not_db)?;
         schema::migrate(&conn, &display).map_err(not_db)?;
+        let mut conn = conn;
+        let (rewind_tx, rewind_rx) = bounded(1);
+        let rewind_frames = rewind_frames(config);
+        let wal = Arc::new(WalFrames::default());
+        let frames_seen = wal.clone();
+        // Called after every commit of this process with the frames now in the WAL: a commit
+        // that takes it past the threshold wakes the maintenance thread at once.
+        conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, frames: libc::c_int| {
+            frames_seen.frames.store(frames as u64, Ordering::Release);
+            if frames as u64 >= rewind_frames {
+                let _ = rewind_tx.try_send(());
+            }
+            Ok(())
+        }))?;
 
         let mut pipe = [0; 2];
         // SAFETY: pipe writes two fds into the array we own.
@@ -199,6 +216,8 @@ impl Db {
             stop: Arc::new(AtomicBool::new(false)),
             dirty: Arc::new(AtomicBool::new(false)),
             stop_maintenance: stop_tx,
+            rewind: rewind_rx,
+            wal,
             threads: Mutex::new(Vec::new()),
             stop_pipe: pipe,
         });
@@ -230,6 +249,7 @@ impl Db {
                     drop(guard);
                     if changed && !in_batch {
                         self.committed();
+                        self.wal.throttle(2 * rewind_frames(&self.config));
                     }
                     Ok(r)
                 }
@@ -442,11 +462,67 @@ fn watch_inotify(path: &Path, hub: &Hub, stop: &AtomicBool, stop_fd: libc::c_int
     true
 }
 
+/// Frames in the WAL after this process's last commit, and the writers held back while the
+/// maintenance thread rewinds it.
+#[derive(Default)]
+struct WalFrames {
+    frames: AtomicU64,
+    /// True while a rewinding round runs.
+    rewinding: Mutex<bool>,
+    done: Condvar,
+}
+
+impl WalFrames {
+    /// Backpressure: a writer that took the WAL to `max` frames waits (100 ms at most) for the
+    /// rewind under way, so a writer faster than checkpoints cannot outgrow the limit. With no
+    /// round under way (e.g. a reader of another process pins the WAL) it does not wait.
+    fn throttle(&self, max: u64) {
+        if self.frames.load(Ordering::Acquire) < max {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let mut rewinding = self.rewinding.lock();
+        while *rewinding && self.frames.load(Ordering::Acquire) >= max {
+            if self.done.wait_until(&mut rewinding, deadline).timed_out() {
+                return;
+            }
+        }
+    }
+
+    fn round(&self, running: bool) {
+        *self.rewinding.lock() = running;
+        if !running {
+            self.done.notify_all();
+        }
+    }
+
+    /// Every frame is in the database and no local writer is active: the next write rewinds.
+    fn rewound(&self) {
+        self.frames.store(0, Ordering::Release);
+    }
+}
+
+/// WAL frames (a page and its 24-byte header each) after which the WAL is rewound: a quarter of
+/// the size limit, so a file that keeps up with its writer stays well under it.
+fn rewind_frames(config: &Config) -> u64 {
+    (config.wal_limit_bytes / 4 / (4096 + 24)).max(64)
+}
+
 /// Checkpoints from this thread, never inside a committing caller: PASSIVE after writes, and a
 /// TRUNCATE once the -wal file has outgrown its limit (e.g. after a long-lived reader held
 /// checkpoints back), so the file shrinks again as soon as nothing pins it.
+///
+/// SQLite rewinds the WAL (the next frames overwrite the file from its start) only when a write
+/// begins with every frame already copied back, which PASSIVE rounds racing a busy writer almost
+/// never leave behind. So once the WAL holds [`rewind_frames`] (the writer's WAL hook says when,
+/// within one commit), a round copies what it
+/// can without blocking anyone, then holds this process's writers off for the few frames
+/// committed meanwhile: the next write rewinds. Rewriting pages the file already has costs far
+/// less than growing it again after a truncation (the kernel allocates and zeroes every page).
 fn spawn_maintenance(db: &Arc<Db>, stop_rx: Receiver<()>) -> Result<JoinHandle<()>> {
     let stop = db.stop.clone();
+    let rewind_rx = db.rewind.clone();
+    let wal = db.wal.clone();
     let dirty = db.dirty.clone();
     let quiesce = db.quiesce.clone();
     let path = db.path.clone();
@@ -459,6 +535,13 @@ fn spawn_maintenance(db: &Arc<Db>, stop_rx: Receiver<()>) -> Result<JoinHandle<(
         // Checkpoints must not wait long for locks: the next round retries.
         let _ = conn.busy_timeout(Duration::from_millis(5));
         let limit = config.wal_limit_bytes;
+        // Done when every frame is in the database; otherwise a reader pins the WAL: retry.
+        let checkpoint = |mode: &str| {
+            let res = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            });
+            matches!(res, Ok((0, log, done)) if log == done)
+        };
         let mut pending = false;
         let mut size = 0;
         loop {
@@ -466,10 +549,11 @@ fn spawn_maintenance(db: &Arc<Db>, stop_rx: Receiver<()>) -> Result<JoinHandle<(
             // last, so hot pages rewritten by many commits are copied once. Closer to the limit,
             // look more often.
             let interval = if size > limit / 2 { 20 } else { 100 };
-            match stop_rx.recv_timeout(Duration::from_millis(interval)) {
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                _ => return,
-            }
+            let rewind = crossbeam_channel::select! {
+                recv(stop_rx) -> _ => return,
+                recv(rewind_rx) -> _ => true,
+                default(Duration::from_millis(interval)) => false,
+            };
             if stop.load(Ordering::Acquire) {
                 return;
             }
@@ -478,18 +562,30 @@ fn spawn_maintenance(db: &Arc<Db>, stop_rx: Receiver<()>) -> Result<JoinHandle<(
             if size <= limit && !pending {
                 continue;
             }
-            let mode = if size > limit { "TRUNCATE" } else { "PASSIVE" };
-            // Over the limit, PASSIVE rounds never catch up with a busy writer (SQLite rewinds the
-            // WAL only when a write starts with every frame copied back), so the truncating
-            // checkpoint runs with this process's writers held off; it waits for other
-            // processes' readers only briefly (5 ms) and retries next round.
-            let (_shared, _exclusive) =
-                if size > limit { (None, Some(quiesce.write())) } else { (Some(quiesce.read()), None) };
-            let res = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-            });
-            // Done when every frame is in the database; otherwise a reader pins the WAL: retry.
-            pending = !matches!(res, Ok((0, log, done)) if log == done);
+            if size > limit {
+                // Over the limit, PASSIVE rounds never catch up with a busy writer, so the
+                // truncating checkpoint runs with this process's writers held off; it waits for
+                // other processes' readers only briefly (5 ms) and retries next round.
+                let _exclusive = quiesce.write();
+                pending = !checkpoint("TRUNCATE");
+                if !pending {
+                    wal.rewound();
+                }
+                continue;
+            }
+            wal.round(rewind);
+            pending = !{
+                let _shared = quiesce.read();
+                checkpoint("PASSIVE")
+            };
+            if rewind {
+                let _exclusive = quiesce.write();
+                pending = !checkpoint("PASSIVE");
+                if !pending {
+                    wal.rewound();
+                }
+            }
+            wal.round(false);
         }
     })?;
     Ok(handle)
