@@ -107,6 +107,51 @@ fn lower_priority_value_runs_first_then_id() {
     });
 }
 
+/// Tasks enqueued one per call and tasks enqueued together are ordered alike, whichever claim
+/// sees them first (SQLite keeps the former out of its ready index until a claim).
+#[test]
+fn priority_order_holds_across_single_and_batch_enqueues() {
+    each_store(|s, _| {
+        let d = dispatcher(s, Runtime::Python);
+        let w = d.worker();
+        let warm = s.enqueue(py("warm")).unwrap().id;
+        assert_eq!(claim(&w).task.id, warm, "an idle worker gets a lone task");
+        let late = s.enqueue(py("late").priority(200)).unwrap().id;
+        let batch = s.enqueue_many(&[py("b1").priority(50), py("b2").priority(150)]).unwrap();
+        let first = s.enqueue(py("first").priority(1)).unwrap().id;
+        let mid = s.enqueue(py("mid").priority(100)).unwrap().id;
+        let order: Vec<TaskId> = (0..5)
+            .map(|_| {
+                let c = claim(&w);
+                ok(&w, &c);
+                c.task.id
+            })
+            .collect();
+        assert_eq!(order, vec![first, batch[0].id, mid, batch[1].id, late]);
+    });
+}
+
+/// Ids of purged tasks may be handed out again; a task that gets one is claimed all the same.
+#[test]
+fn a_task_enqueued_after_the_newest_tasks_were_purged_is_claimed() {
+    each_store(|s, _| {
+        let d = dispatcher(s, Runtime::Python);
+        let w = d.worker();
+        let ids: Vec<TaskId> = (0..3).map(|i| s.enqueue(py(&format!("old{i}"))).unwrap().id).collect();
+        for _ in 0..3 {
+            let c = claim(&w);
+            ok(&w, &c);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(s.purge(Duration::ZERO).unwrap(), 3);
+        let fresh = s.enqueue(py("fresh")).unwrap().id;
+        let c = claim(&w);
+        assert_eq!(c.task.id, fresh, "purged ids {ids:?}");
+        ok(&w, &c);
+        assert_eq!(s.task(fresh).unwrap().state, State::Successful);
+    });
+}
+
 #[test]
 fn named_queue_is_serial_and_skips_tasks_that_are_not_ready() {
     each_store(|s, _| {

@@ -155,7 +155,10 @@ fn insert_deps(c: &Connection, task: TaskId, deps: &[TaskId]) -> Result<()> {
     Ok(())
 }
 
-fn enqueue_one(c: &Connection, t: &NewTask, now: i64) -> Result<Enqueued> {
+/// `alone`: the task is the only one of its transaction. A plain one (no queue, dependency or
+/// delay) is then left out of the ready index until the next claim promotes it: see TASKS_V2 in
+/// schema.rs. Tasks enqueued together go straight into the index, where they cost little more.
+fn enqueue_one(c: &Connection, t: &NewTask, now: i64, alone: bool) -> Result<Enqueued> {
     validate(t)?;
     if let Some(key) = &t.unique_key {
         let held: Option<TaskId> = c
@@ -172,10 +175,11 @@ fn enqueue_one(c: &Connection, t: &NewTask, now: i64) -> Result<Enqueued> {
         }
     }
     let run_at = t.run_at.unwrap_or(now);
+    let indexed = !(alone && t.queue.is_none() && t.depends_on.is_empty() && run_at <= now);
     c.prepare_cached(
         "INSERT INTO tasks (queue, runtime, target, receiver, args, priority, retries, run_at, delayed,
-                            timeout_ms, unique_key, meta, enqueued_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                            timeout_ms, unique_key, meta, enqueued_at, indexed)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
         t.queue,
@@ -190,7 +194,8 @@ fn enqueue_one(c: &Connection, t: &NewTask, now: i64) -> Result<Enqueued> {
         t.timeout.map(|d| d.as_millis().max(1) as i64),
         t.unique_key,
         t.meta,
-        now
+        now,
+        indexed
     ])?;
     let id = c.last_insert_rowid();
     insert_deps(c, id, &t.depends_on)?;
@@ -216,14 +221,25 @@ fn dependency_failure(c: &Connection, dep: TaskId) -> Result<ErrorRecord> {
     Ok(ErrorRecord::new("DependencyFailed", message))
 }
 
-fn claim(c: &Connection, req: &ClaimReq<'_>, now: i64) -> Result<Vec<ClaimedRow>> {
-    let mut out = Vec::new();
+/// Puts every task enqueued alone since the last promotion into the ready index (of every
+/// runtime: whichever dispatcher claims next does it for all). They are the ids above the mark,
+/// at the end of the table, so this reads a page or two when there is nothing to do.
+fn promote(c: &Connection) -> Result<()> {
+    let (mark, last): (i64, i64) = c
+        .prepare_cached("SELECT (SELECT mark FROM promotion), (SELECT coalesce(max(id), 0) FROM tasks)")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    if last > mark {
+        c.prepare_cached("UPDATE tasks SET indexed = 1 WHERE id > ?1 AND indexed = 0")?.execute([mark])?;
+        c.prepare_cached("UPDATE promotion SET mark = ?1")?.execute([last])?;
+    }
+    Ok(())
+}
+
+/// Tasks of this runtime that ended without running (a failed dependency, or aborted while
+/// another dispatcher held them) and still owe their on_error callback.
+fn handovers(c: &Connection, req: &ClaimReq<'_>, now: i64, out: &mut Vec<ClaimedRow>) -> Result<()> {
     let rt = req.runtime.as_str();
     let want = req.want as i64;
-    c.prepare_cached("UPDATE tasks SET delayed = 0 WHERE state = 'new' AND delayed = 1 AND run_at <= ?1")?
-        .execute([now])?;
-
-    // Handovers: tasks that end without running still owe their on_error callback.
     let failed: Vec<(TaskId, TaskId)> = c
         .prepare_cached("SELECT id, failed_dep FROM tasks WHERE state = 'new' AND failed_dep IS NOT NULL AND runtime = ?1 ORDER BY id LIMIT ?2")?
         .query_map(params![rt, want], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -250,6 +266,27 @@ fn claim(c: &Connection, req: &ClaimReq<'_>, now: i64) -> Result<Vec<ClaimedRow>
             .collect::<rusqlite::Result<_>>()?;
         out.extend(tasks.into_iter().map(|task| ClaimedRow::OnError { task }));
     }
+    Ok(())
+}
+
+fn claim(c: &Connection, req: &ClaimReq<'_>, now: i64) -> Result<Vec<ClaimedRow>> {
+    let mut out = Vec::new();
+    let rt = req.runtime.as_str();
+    promote(c)?;
+    c.prepare_cached("UPDATE tasks SET delayed = 0 WHERE state = 'new' AND delayed = 1 AND run_at <= ?1")?
+        .execute([now])?;
+
+    // Handovers: tasks that end without running still owe their on_error callback. Rare: one
+    // probe of two small partial indexes decides whether to look.
+    let owed: bool = c
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM tasks WHERE state = 'new' AND failed_dep IS NOT NULL AND runtime = ?1)
+                 OR EXISTS (SELECT 1 FROM tasks WHERE handover = 1 AND runtime = ?1)",
+        )?
+        .query_row([rt], |r| r.get(0))?;
+    if owed {
+        handovers(c, req, now, &mut out)?;
+    }
     if out.len() >= req.want {
         return Ok(out);
     }
@@ -261,7 +298,7 @@ fn claim(c: &Connection, req: &ClaimReq<'_>, now: i64) -> Result<Vec<ClaimedRow>
         let mut stmt = c.prepare_cached(
             "SELECT priority, id FROM tasks
               WHERE runtime = ?1 AND state = 'new' AND queue IS NULL AND pending_deps = 0
-                AND failed_dep IS NULL AND delayed = 0 AND run_at <= ?2
+                AND failed_dep IS NULL AND delayed = 0 AND indexed = 1 AND run_at <= ?2
               ORDER BY priority, id LIMIT ?3",
         )?;
         let rows = stmt.query_map(params![rt, now, left], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -291,14 +328,17 @@ fn claim(c: &Connection, req: &ClaimReq<'_>, now: i64) -> Result<Vec<ClaimedRow>
     candidates.sort_unstable();
     candidates.truncate(left as usize);
 
-    let mut take = c.prepare_cached(&format!(
+    // UPDATE, then SELECT by id: RETURNING would collect the row in a throwaway b-tree first.
+    let mut take = c.prepare_cached(
         "UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = ?2, dispatcher_id = ?3,
                           token = ?4, cancel = 0
-          WHERE id = ?1 AND state = 'new' RETURNING {TASK_COLS}"
-    ))?;
+          WHERE id = ?1 AND state = 'new'",
+    )?;
+    let mut read = c.prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))?;
     for (_, id) in candidates {
         let token = fastrand::i64(1..i64::MAX);
-        if let Some(task) = take.query_row(params![id, now, req.dispatcher, token], task_from_row).optional()? {
+        if take.execute(params![id, now, req.dispatcher, token])? == 1 {
+            let task = read.query_row([id], task_from_row)?;
             out.push(ClaimedRow::Run { task, token });
         }
     }
@@ -511,7 +551,8 @@ impl Backend for SqliteStore {
 
     fn enqueue(&self, tasks: &[NewTask]) -> Result<Vec<Enqueued>> {
         let now = clock::now_micros();
-        self.write(|c| tasks.iter().map(|t| enqueue_one(c, t, now)).collect())
+        let alone = tasks.len() == 1;
+        self.write(|c| tasks.iter().map(|t| enqueue_one(c, t, now, alone)).collect())
     }
 
     fn add_dependencies(&self, task: TaskId, deps: &[TaskId]) -> Result<()> {
