@@ -6,7 +6,7 @@ PYTHON ?= python3
 PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip --disable-pip-version-check
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all setup test test-core demo bench lint clean setup-python install-python test-python bench-python setup-ruby install-ruby test-ruby
+.PHONY: all setup test test-core demo bench lint clean setup-python install-python test-python bench-python setup-ruby install-ruby test-ruby test-cross
 
 all: test
 
@@ -14,7 +14,7 @@ all: test
 setup:
 	@command -v cc >/dev/null || (apt-get update && apt-get install -y build-essential)
 
-test: setup test-core test-python test-ruby
+test: setup test-core test-python test-ruby test-cross
 
 test-core:
 	$(CARGO) test -p queue_dispatcher_core --release
@@ -54,6 +54,13 @@ test-ruby: install-ruby
 	$(CARGO) test -p queue_dispatcher_ruby --release
 	$(RUBY_ENV) $(RUBY) -w -e 'ARGV.each { |f| require File.expand_path(f) }' bindings-ruby/test/*_test.rb tests/ruby/*_test.rb
 	$(RUBY_ENV) QD_GC_STRESS=1 $(RUBY) -w -e 'ARGV.each { |f| require File.expand_path(f) }' bindings-ruby/test/native_test.rb bindings-ruby/test/enqueue_test.rb
+
+# Both languages on one database (tests/cross): cross-language enqueue, serial queues and
+# dependencies across runtimes, rows written straight into the database, then the crash soak
+# (about 2 minutes: dispatchers SIGKILLed every second).
+test-cross: install-python install-ruby
+	$(RUBY_ENV) $(PYTHON) -m pytest tests/cross
+	$(RUBY_ENV) QD_PYTHON=$(PYTHON) $(RUBY) -w tests/cross/cross_language_test.rb
 
 demo: setup
 	$(CARGO) run -q --release -p queue_dispatcher_core --example demo
