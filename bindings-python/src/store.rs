@@ -328,12 +328,20 @@ impl Template {
         let receiver = receiver.filter(|r| !r.is_none()).map(|r| json::encode_value(r, "receiver")).transpose()?;
         match (runtime, &receiver) {
             (Runtime::Ruby, None) if target.contains('#') => {
-                return Err(invalid("receiver", format!("{target}: an instance-method target needs receiver= (the instance's id)")));
+                return Err(invalid(
+                    "receiver",
+                    format!("{target}: an instance-method target needs receiver= (the instance's id)"),
+                ));
             }
             (Runtime::Ruby, Some(_)) if !target.contains('#') => {
-                return Err(invalid("receiver", format!("{target}: only a Ruby \"Const#method\" target takes a receiver")));
+                return Err(invalid(
+                    "receiver",
+                    format!("{target}: only a Ruby \"Const#method\" target takes a receiver"),
+                ));
             }
-            (Runtime::Python, Some(_)) => return Err(invalid("receiver", "only Ruby instance-method targets take a receiver")),
+            (Runtime::Python, Some(_)) => {
+                return Err(invalid("receiver", "only Ruby instance-method targets take a receiver"))
+            }
             _ => {}
         }
         let mut task = NewTask::new(runtime, target);
