@@ -6,7 +6,7 @@ PYTHON ?= python3
 PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip --disable-pip-version-check
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all setup test test-core demo bench lint clean setup-python install-python test-python bench-python setup-ruby install-ruby test-ruby
+.PHONY: all setup test test-core demo bench lint clean setup-python install-python test-python bench-python setup-ruby install-ruby test-ruby test-cross demo-rust
 
 all: test
 
@@ -14,7 +14,7 @@ all: test
 setup:
 	@command -v cc >/dev/null || (apt-get update && apt-get install -y build-essential)
 
-test: setup test-core test-python test-ruby
+test: setup test-core test-python test-ruby test-cross
 
 test-core:
 	$(CARGO) test -p queue_dispatcher_core --release
@@ -55,7 +55,36 @@ test-ruby: install-ruby
 	$(RUBY_ENV) $(RUBY) -w -e 'ARGV.each { |f| require File.expand_path(f) }' bindings-ruby/test/*_test.rb tests/ruby/*_test.rb
 	$(RUBY_ENV) QD_GC_STRESS=1 $(RUBY) -w -e 'ARGV.each { |f| require File.expand_path(f) }' bindings-ruby/test/native_test.rb bindings-ruby/test/enqueue_test.rb
 
+# Both languages on one database (tests/cross): cross-language enqueue, serial queues and
+# dependencies across runtimes, rows written straight into the database, then the crash soak
+# (about 2 minutes: dispatchers SIGKILLed every second).
+test-cross: install-python install-ruby
+	$(RUBY_ENV) $(PYTHON) -m pytest tests/cross
+	$(RUBY_ENV) QD_PYTHON=$(PYTHON) $(RUBY) -w tests/cross/cross_language_test.rb
+	$(RUBY_ENV) $(PYTHON) tests/cross/soak.py
+
+# The two-language showcase (examples/demo.py): builds and installs both packages when their
+# sources changed since the last install (else starts in a few seconds), then runs it.
+STAMPS = target/stamps
+PY_SOURCES = $(shell find core/src bindings-python/src bindings-python/python -type f -not -name '*.pyc') \
+	Cargo.toml Cargo.lock pyproject.toml core/Cargo.toml bindings-python/Cargo.toml
+RB_SOURCES = $(shell find core/src bindings-ruby/src bindings-ruby/lib bindings-ruby/exe bindings-ruby/ext -type f) \
+	Cargo.toml Cargo.lock queue_dispatcher.gemspec core/Cargo.toml bindings-ruby/Cargo.toml
+$(STAMPS)/python: $(PY_SOURCES)
+	$(MAKE) --no-print-directory install-python
+	mkdir -p $(STAMPS) && touch $@
+$(STAMPS)/ruby: $(RB_SOURCES)
+	$(MAKE) --no-print-directory install-ruby
+	mkdir -p $(STAMPS) && touch $@
+
 demo: setup
+	@$(PYTHON) -c 'import queue_dispatcher' 2>/dev/null || rm -f $(STAMPS)/python
+	@$(RUBY_ENV) $(RUBY) -e 'require "queue_dispatcher"' 2>/dev/null || rm -f $(STAMPS)/ruby
+	@$(MAKE) --no-print-directory $(STAMPS)/python $(STAMPS)/ruby
+	$(RUBY_ENV) $(PYTHON) examples/demo.py
+
+# The engine alone, driven from Rust (core/examples/demo.rs).
+demo-rust: setup
 	$(CARGO) run -q --release -p queue_dispatcher_core --example demo
 
 # BENCH_SHORT=1 runs a quick pass (CI), figures printed as JSON lines, never asserted.

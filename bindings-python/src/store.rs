@@ -303,11 +303,16 @@ impl Template {
 
 #[pymethods]
 impl Template {
+    /// `runtime` is the language whose dispatchers run the task (`"python"` by default; `"ruby"`
+    /// enqueues a Ruby task by its name). `receiver` is the id of the instance a Ruby
+    /// `Const#method` target is called on (found again with `Const.find(id)`).
     #[new]
-    #[pyo3(signature = (target, *, queue=None, priority=core::DEFAULT_PRIORITY, retries=0, timeout=None, delay=None, run_at=None, unique_key=None, meta=None, depends_on=Vec::new()))]
+    #[pyo3(signature = (target, *, runtime="python", receiver=None, queue=None, priority=core::DEFAULT_PRIORITY, retries=0, timeout=None, delay=None, run_at=None, unique_key=None, meta=None, depends_on=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         target: String,
+        runtime: &str,
+        receiver: Option<&Bound<'_, PyAny>>,
         queue: Option<String>,
         priority: i64,
         retries: u32,
@@ -318,8 +323,29 @@ impl Template {
         meta: Option<&Bound<'_, PyAny>>,
         depends_on: Vec<TaskId>,
     ) -> PyResult<Template> {
-        core::target::validate(Runtime::Python, &target).map_err(to_py)?;
-        let mut task = NewTask::new(Runtime::Python, target);
+        let runtime = runtime.parse::<Runtime>().map_err(to_py)?;
+        core::target::validate(runtime, &target).map_err(to_py)?;
+        let receiver = receiver.filter(|r| !r.is_none()).map(|r| json::encode_value(r, "receiver")).transpose()?;
+        match (runtime, &receiver) {
+            (Runtime::Ruby, None) if target.contains('#') => {
+                return Err(invalid(
+                    "receiver",
+                    format!("{target}: an instance-method target needs receiver= (the instance's id)"),
+                ));
+            }
+            (Runtime::Ruby, Some(_)) if !target.contains('#') => {
+                return Err(invalid(
+                    "receiver",
+                    format!("{target}: only a Ruby \"Const#method\" target takes a receiver"),
+                ));
+            }
+            (Runtime::Python, Some(_)) => {
+                return Err(invalid("receiver", "only Ruby instance-method targets take a receiver"))
+            }
+            _ => {}
+        }
+        let mut task = NewTask::new(runtime, target);
+        task.receiver = receiver;
         task.queue = queue;
         task.priority = priority;
         task.retries = retries;
@@ -350,8 +376,19 @@ impl Template {
         self.task.priority
     }
 
+    #[getter]
+    fn runtime(&self) -> &'static str {
+        self.task.runtime.as_str()
+    }
+
     fn __repr__(&self) -> String {
-        format!("<Template {} queue={:?} priority={}>", self.task.target, self.task.queue, self.task.priority)
+        format!(
+            "<Template {} {} queue={:?} priority={}>",
+            self.task.runtime.as_str(),
+            self.task.target,
+            self.task.queue,
+            self.task.priority
+        )
     }
 }
 

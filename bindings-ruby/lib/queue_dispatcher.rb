@@ -18,6 +18,7 @@ require 'queue_dispatcher/rc_and_msg'
 require 'queue_dispatcher/registry'
 require 'queue_dispatcher/task'
 require 'queue_dispatcher/proxy'
+require 'queue_dispatcher/python_task'
 require 'queue_dispatcher/job'
 require 'queue_dispatcher/runner'
 

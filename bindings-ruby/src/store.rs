@@ -133,6 +133,13 @@ fn apply_options(t: &mut NewTask, opts: RHash) -> Result<(), Error> {
         let name = k.name()?;
         {
             match &*name {
+                // Set by `QueueDispatcher.python_task`: a task for the other language's dispatchers.
+                "runtime" => {
+                    t.runtime = String::try_convert(v)
+                        .map_err(|_| invalid("runtime", "must be a String"))?
+                        .parse::<Runtime>()
+                        .rb()?
+                }
                 "queue" => t.queue = opt_string("queue", v)?,
                 "priority" => t.priority = opt_i64("priority", v)?.unwrap_or(queue_dispatcher_core::DEFAULT_PRIORITY),
                 "run_at" => t.run_at = opt_i64("run_at", v)?,
@@ -205,7 +212,8 @@ impl RbStore {
         self.0.describe()
     }
 
-    /// One task, durable when this returns. `opts` carries normalized options (or nil).
+    /// One task, durable when this returns. `opts` carries normalized options (or nil); its
+    /// `runtime` (default ruby) names the language whose dispatchers run it.
     pub fn enqueue(
         &self,
         target: String,

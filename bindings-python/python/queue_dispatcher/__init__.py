@@ -29,6 +29,7 @@ from queue_dispatcher._native import (
     __version__,
 )
 from queue_dispatcher._registry import JobProxy, TaskFunction, job, registered_names, task
+from queue_dispatcher._remote import RubyTask, ruby_task
 from queue_dispatcher._store import batch, configure, get_store
 from queue_dispatcher._task import (
     CurrentTask,
@@ -51,6 +52,7 @@ __all__ = [
     "JobProxy",
     "MissingDependencyError",
     "NotADatabaseError",
+    "RubyTask",
     "SchemaTooNewError",
     "StaleTokenError",
     "StoppedError",
@@ -71,5 +73,6 @@ __all__ = [
     "get_store",
     "job",
     "registered_names",
+    "ruby_task",
     "task",
 ]

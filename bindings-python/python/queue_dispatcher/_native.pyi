@@ -106,6 +106,8 @@ class Template:
         cls,
         target: str,
         *,
+        runtime: str = "python",
+        receiver: Optional[Any] = None,
         queue: Optional[str] = None,
         priority: int = ...,
         retries: int = 0,
@@ -122,6 +124,8 @@ class Template:
     def queue(self) -> Optional[str]: ...
     @property
     def priority(self) -> int: ...
+    @property
+    def runtime(self) -> str: ...
 
 @final
 class ErrorInfo:

@@ -37,7 +37,7 @@ def _check_options(options: dict[str, Any]) -> None:
         raise TypeError(f"unknown task option(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(_OPTIONS))})")
 
 
-def _template(target: str, options: dict[str, Any]) -> Template:
+def _template(target: str, options: dict[str, Any], runtime: str = "python", receiver: Any = None) -> Template:
     opts = dict(options)
     run_at = opts.pop("run_at", None)
     micros: Optional[int] = None
@@ -46,7 +46,7 @@ def _template(target: str, options: dict[str, Any]) -> Template:
     elif run_at is not None:
         micros = int(float(run_at) * 1_000_000)
     depends: Union[TaskLike, Iterable[TaskLike], None] = opts.pop("depends_on", None)
-    return Template(target, run_at=micros, depends_on=_ids(depends) if depends is not None else [], **opts)
+    return Template(target, runtime=runtime, receiver=receiver, run_at=micros, depends_on=_ids(depends) if depends is not None else [], **opts)
 
 
 def _target_name(obj: Any, name: Optional[str], what: str) -> str:

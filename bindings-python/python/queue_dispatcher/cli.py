@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--grace", type=_seconds, default=25.0, help="on SIGTERM/SIGINT, seconds running tasks may take to finish (default 25)")
     w.add_argument("--lease", type=_seconds, default=15.0, help="seconds without heartbeat before others recover this worker's tasks (default 15)")
     w.add_argument("--heartbeat", type=_seconds, default=1.0, help="heartbeat interval in seconds (default 1)")
+    w.add_argument("--max-lost", type=_positive_int, default=5,
+                   help="lost runs (dispatcher died) before a task is given up as aborted (default 5)")
     w.add_argument("--retry-base", type=_seconds, default=1.0, help="first retry delay in seconds, doubled per attempt (default 1)")
     w.add_argument("--name", help="dispatcher name shown by status (default host:pid)")
     w.add_argument("--log-level", default="INFO", type=str.upper,
@@ -234,7 +236,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     store = configure(args.db)
     queues, parallel = _queues(args)
     worker = Worker(args.workers, queues=queues, parallel=parallel, store=store, name=args.name,
-                    lease=args.lease, heartbeat=args.heartbeat, retry_base=args.retry_base)
+                    lease=args.lease, heartbeat=args.heartbeat, max_lost=args.max_lost, retry_base=args.retry_base)
     signals = 0
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -285,7 +287,7 @@ def _run_worker(args: argparse.Namespace) -> int:
 def _child_argv(args: argparse.Namespace) -> list[str]:
     argv = [sys.executable, "-m", "queue_dispatcher", "worker", "--workers", str(args.workers),
             "--grace", str(args.grace), "--lease", str(args.lease), "--heartbeat", str(args.heartbeat),
-            "--retry-base", str(args.retry_base), "--log-level", args.log_level]
+            "--max-lost", str(args.max_lost), "--retry-base", str(args.retry_base), "--log-level", args.log_level]
     for m in args.imports:
         argv += ["--import", m]
     if args.queues is not None:

@@ -27,7 +27,7 @@ module QueueDispatcher
       @opts = {
         workers: 10, requires: [], db: nil, queues: nil, parallel: nil, processes: 1, background: false,
         pidfile: nil, logfile: nil, grace: 30.0, lease: env_f('QUEUE_DISPATCHER_LEASE'),
-        heartbeat: env_f('QUEUE_DISPATCHER_HEARTBEAT'), verbose: false, child: false
+        heartbeat: env_f('QUEUE_DISPATCHER_HEARTBEAT'), max_lost: env_i('QUEUE_DISPATCHER_MAX_LOST'), verbose: false, child: false
       }
     end
 
@@ -64,6 +64,11 @@ module QueueDispatcher
       v && !v.empty? ? Float(v) : nil
     end
 
+    def env_i(name)
+      v = ENV.fetch(name, nil)
+      v && !v.empty? ? Integer(v) : nil
+    end
+
     def usage_error(msg)
       warn "queue_worker_dispatcher: #{msg}\n\n#{USAGE}"
       2
@@ -86,6 +91,7 @@ module QueueDispatcher
         o.on('--grace SECONDS', Float, 'on SIGTERM/SIGINT, how long running tasks may finish (default 30)') { |v| @opts[:grace] = v }
         o.on('--lease SECONDS', Float, 'lease: a dispatcher silent this long is declared dead (default 15; env QUEUE_DISPATCHER_LEASE)') { |v| @opts[:lease] = v }
         o.on('--heartbeat SECONDS', Float, 'heartbeat interval (default 1, at most lease/2; env QUEUE_DISPATCHER_HEARTBEAT)') { |v| @opts[:heartbeat] = v }
+        o.on('--max-lost N', Integer, 'lost runs (dead dispatchers) before a task is aborted (default 5; env QUEUE_DISPATCHER_MAX_LOST)') { |v| @opts[:max_lost] = v }
         o.on('--verbose', 'log every task, not only failures') { @opts[:verbose] = true }
         o.on('--child', '(internal) a worker process started by --processes') { @opts[:child] = true }
         o.on('-v', '--version', 'print the version') do
@@ -146,7 +152,8 @@ module QueueDispatcher
       load_application
       parallel = @opts[:parallel].nil? ? @opts[:queues].nil? : @opts[:parallel]
       runner = Runner.new(workers: @opts[:workers], queues: @opts[:queues], parallel: parallel,
-                          lease: @opts[:lease], heartbeat: @opts[:heartbeat], logger: @logger, verbose: @opts[:verbose])
+                          lease: @opts[:lease], heartbeat: @opts[:heartbeat], max_lost: @opts[:max_lost],
+                          logger: @logger, verbose: @opts[:verbose])
       runner.start
       @logger.info("started: #{@opts[:workers]} workers on #{QueueDispatcher.store.describe}" \
                    "#{@opts[:queues] ? ", queues #{@opts[:queues].join(',')}" : ''} (pid #{Process.pid})")
@@ -251,6 +258,7 @@ module QueueDispatcher
       a << (@opts[:parallel] ? '--parallel' : '--no-parallel') unless @opts[:parallel].nil?
       a += ['--lease', @opts[:lease].to_s] if @opts[:lease]
       a += ['--heartbeat', @opts[:heartbeat].to_s] if @opts[:heartbeat]
+      a += ['--max-lost', @opts[:max_lost].to_s] if @opts[:max_lost]
       a << '--verbose' if @opts[:verbose]
       a
     end

@@ -47,13 +47,14 @@ module QueueDispatcher
     attr_reader :workers, :dispatcher, :logger
 
     # workers: thread count; queues: Array of named queues (nil: all); parallel: also run tasks
-    # without a queue; lease/heartbeat: seconds; verbose: log every task, not only failures.
-    def initialize(workers: 10, queues: nil, parallel: true, lease: nil, heartbeat: nil, name: nil,
+    # without a queue; lease/heartbeat: seconds; max_lost: lost runs (dead dispatchers) before a
+    # task is aborted (default 5); verbose: log every task, not only failures.
+    def initialize(workers: 10, queues: nil, parallel: true, lease: nil, heartbeat: nil, max_lost: nil, name: nil,
                    logger: Logger.new($stdout), verbose: false)
       raise QueueDispatcher.invalid('workers', "#{workers.inspect} is not a positive Integer") unless workers.is_a?(Integer) && workers.positive?
 
       @workers = workers
-      @opts = { workers: workers, queues: queues&.map(&:to_s), parallel: parallel, name: name }
+      @opts = { workers: workers, queues: queues&.map(&:to_s), parallel: parallel, name: name, max_lost: max_lost }
       if lease
         @opts[:lease] = lease.to_f
         @opts[:heartbeat] = (heartbeat || [1.0, lease.to_f / 5].min).to_f
@@ -196,9 +197,7 @@ module QueueDispatcher
         if text == NO_ARGS
           receiver.public_send(meth)
         else
-          payload = JSON.parse(text)
-          args = payload['args'] || []
-          kwargs = payload['kwargs']
+          args, kwargs = decode_args(text)
           if kwargs.nil? || kwargs.empty?
             receiver.public_send(meth, *args)
           else
@@ -211,6 +210,23 @@ module QueueDispatcher
       [klass, nil, error_triple(e), nil]
     ensure
       ctx&.running(nil)
+    end
+
+    # The stored `{"args": [...], "kwargs": {...}}`; a row written by other means may hold
+    # anything, and the task then fails with a message that says so.
+    def decode_args(text)
+      payload = begin
+        JSON.parse(text)
+      rescue JSON::ParserError => e
+        raise QueueDispatcher.invalid('args', "cannot decode the stored arguments (not JSON): #{e.message[0, 200]}")
+      end
+      args = payload.is_a?(Hash) ? (payload['args'] || []) : nil
+      kwargs = payload.is_a?(Hash) ? payload['kwargs'] : nil
+      unless args.is_a?(Array) && (kwargs.nil? || kwargs.is_a?(Hash))
+        raise QueueDispatcher.invalid('args', 'cannot decode the stored arguments: expected {"args": [...], "kwargs": {...}}')
+      end
+
+      [args, kwargs]
     end
 
     def find_receiver(klass, receiver_json)
