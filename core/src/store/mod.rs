@@ -81,12 +81,14 @@ impl Config {
         };
         let path = match location.strip_prefix("sqlite://") {
             Some(rest) => rest,
-            None if location.contains("://") => return Err(Error::invalid(
-                "database",
-                format!(
+            None if location.contains("://") => {
+                return Err(Error::invalid(
+                    "database",
+                    format!(
                     "{spec:?}: unsupported URL scheme (supported: SQLite paths, sqlite://, postgres://, postgresql://)"
                 ),
-            )),
+                ))
+            }
             None => location,
         };
         if path.is_empty() {

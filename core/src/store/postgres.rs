@@ -883,7 +883,24 @@ fn settle(c: &mut Conn, s: &SettleReq, policy: &RetryPolicy) -> TxResult<Result<
         &[&s.id, &s.token],
     )?;
     let Some(row) = row else {
-        return Ok(Err(Error::StaleToken { task: s.id }));
+        // Our own outcome, stored by a cycle whose COMMIT reply was lost, is acknowledged as
+        // stored (a lost run's token was cleared and a new claim has another token).
+        let stored = c.opt(
+            "SELECT state, error, run_at FROM @.tasks WHERE id = $1 AND token = $2 AND state <> 'running'",
+            &[&s.id, &s.token],
+        )?;
+        let Some(r) = stored else { return Ok(Err(Error::StaleToken { task: s.id })) };
+        let error: Option<String> = r.get(1);
+        let error = error.as_deref().map(ErrorRecord::from_json).unwrap_or_default();
+        return Ok(Ok(match r.get::<_, String>(0).as_str() {
+            "successful" => Settled::Successful,
+            "error" => Settled::Failed(error),
+            "aborted" => Settled::Aborted(error),
+            _ => match &s.settle {
+                Settle::Release => Settled::Released,
+                Settle::Outcome(_) => Settled::Retrying { run_at: r.get(2), error },
+            },
+        }));
     };
     let (attempts, retries, cancel): (i64, i64, i32) = (row.get(0), row.get(1), row.get(2));
     let released = Outcome::Success("null".into());
