@@ -109,6 +109,162 @@ fn main() {
     if wanted(&["core_latency_xproc_p50_ms", "core_latency_xproc_p99_ms"]) {
         report_latency("core_latency_xproc", &latency_cross_process(plan.latency_samples));
     }
+    if wanted(&[
+        "pg_insert_tx",
+        "pg_enqueue",
+        "pg_claim_complete_2t",
+        "pg_latency_p50_ms",
+        "pg_latency_p99_ms",
+        "pg_latency_xconn_p50_ms",
+    ]) {
+        pg_figures(&plan, short);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL (when QUEUE_DISPATCHER_TEST_PG names a server)
+
+/// Threads of the enqueue figure and of its baseline.
+const PG_ENQUEUE_THREADS: usize = 8;
+
+/// Every PostgreSQL figure beside its baseline measured in the same round: the raw rate of
+/// single-row INSERT transactions (autocommit, prepared, one ~100-byte row, synchronous_commit as
+/// the server has it) with the same number of threads, each on its own connection.
+fn pg_figures(plan: &Plan, short: bool) {
+    let Some(url) = std::env::var("QUEUE_DISPATCHER_TEST_PG").ok().filter(|u| !u.is_empty()) else {
+        eprintln!("PostgreSQL figures SKIPPED: set QUEUE_DISPATCHER_TEST_PG=postgres://user@host:port/db");
+        return;
+    };
+    let schema = format!("qd_bench_{}", std::process::id());
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let spec = format!("{url}{sep}schema={schema}");
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).expect("connect to PostgreSQL");
+    let sync: String = admin.query_one("SHOW synchronous_commit", &[]).expect("show").get(0);
+    admin
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {schema}_raw CASCADE;
+             CREATE SCHEMA {schema}_raw;
+             CREATE TABLE {schema}_raw.baseline (id bigserial PRIMARY KEY, payload text NOT NULL)"
+        ))
+        .expect("baseline table");
+    let raw = format!("{schema}_raw");
+    let store = Store::open(&Config::parse(&spec).expect("URL")).expect("open PostgreSQL store");
+    let window = if short { Duration::from_millis(1000) } else { Duration::from_secs(3) };
+    let rounds = if short { 2 } else { plan.insert_rounds.min(4) };
+    let drain_n = if short { 3_000 } else { 10_000 };
+    let (mut base8, mut enq, mut ratio8) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut base2, mut drained, mut ratio2) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let b8 = pg_insert_tx(&url, &raw, PG_ENQUEUE_THREADS, window);
+        let e = pg_enqueue(&store, PG_ENQUEUE_THREADS, window);
+        ratio8.push(e / b8);
+        base8.push(b8);
+        enq.push(e);
+        let b2 = pg_insert_tx(&url, &raw, 2, window);
+        let d = pg_drain(&store, drain_n);
+        ratio2.push(d / b2);
+        base2.push(b2);
+        drained.push(d);
+        admin.batch_execute(&format!("TRUNCATE {raw}.baseline; TRUNCATE {schema}.tasks")).expect("truncate");
+    }
+    let extra =
+        |t: usize| json!({"threads": t, "rounds": rounds, "seconds": window.as_secs_f64(), "synchronous_commit": sync});
+    report("pg_insert_tx", rounded(median(&mut base8), 0), "tx/s", extra(PG_ENQUEUE_THREADS));
+    report("pg_insert_tx", rounded(median(&mut base2.clone()), 0), "tx/s", extra(2));
+    report(
+        "pg_enqueue",
+        rounded(median(&mut enq), 0),
+        "tasks/s",
+        json!({"threads": PG_ENQUEUE_THREADS, "baseline": rounded(median(&mut base8), 0),
+               "ratio": rounded(median(&mut ratio8), 3), "rounds": rounds}),
+    );
+    report(
+        "pg_claim_complete_2t",
+        rounded(median(&mut drained), 0),
+        "tasks/s",
+        json!({"workers": 2, "baseline": rounded(median(&mut base2), 0), "ratio": rounded(median(&mut ratio2), 3),
+               "rounds": rounds, "n": drain_n}),
+    );
+    report_latency(
+        "pg_latency",
+        &measure_latency(&store, plan.latency_samples, || {
+            store.enqueue(stamped_task()).expect("enqueue");
+        }),
+    );
+    // The enqueuer on connections of its own (another process or host, as far as the server can
+    // tell): the wake-up travels through LISTEN/NOTIFY.
+    let other = Store::open(&Config::parse(&format!("{spec}&application_name=bench_enqueuer")).expect("URL"))
+        .expect("open second store");
+    report_latency(
+        "pg_latency_xconn",
+        &measure_latency(&store, plan.latency_samples, || {
+            other.enqueue(stamped_task()).expect("enqueue");
+        }),
+    );
+    drop((store, other));
+    admin
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE; DROP SCHEMA {raw} CASCADE"))
+        .expect("drop bench schemas");
+}
+
+/// Raw single-row INSERT transactions from `threads` connections for `window`: tx/s.
+fn pg_insert_tx(url: &str, schema: &str, threads: usize, window: Duration) -> f64 {
+    let payload = args_json();
+    let total = AtomicUsize::new(0);
+    let barrier = std::sync::Barrier::new(threads);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let (total, barrier, payload) = (&total, &barrier, &payload);
+            s.spawn(move || {
+                let mut c = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+                let insert =
+                    c.prepare(&format!("INSERT INTO {schema}.baseline (payload) VALUES ($1)")).expect("prepare");
+                barrier.wait();
+                let end = Instant::now() + window;
+                let mut n = 0;
+                while Instant::now() < end {
+                    c.execute(&insert, &[payload]).expect("insert");
+                    n += 1;
+                }
+                total.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+    });
+    total.into_inner() as f64 / window.as_secs_f64()
+}
+
+/// `Store::enqueue` (one task per call, committed before it returns) from `threads` threads.
+fn pg_enqueue(store: &Store, threads: usize, window: Duration) -> f64 {
+    let task = NewTask::new(Runtime::Python, TARGET).args(args_json());
+    let total = AtomicUsize::new(0);
+    let barrier = std::sync::Barrier::new(threads);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let (total, barrier, task) = (&total, &barrier, &task);
+            s.spawn(move || {
+                store.enqueue(task.clone()).expect("warm-up enqueue");
+                barrier.wait();
+                let end = Instant::now() + window;
+                let mut n = 0;
+                while Instant::now() < end {
+                    store.enqueue(task.clone()).expect("enqueue");
+                    n += 1;
+                }
+                total.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+    });
+    total.into_inner() as f64 / window.as_secs_f64()
+}
+
+/// Claim + complete of `n` ready no-op tasks by 2 workers (the `core_claim_complete_2t` shape).
+fn pg_drain(store: &Store, n: usize) -> f64 {
+    let task = NewTask::new(Runtime::Python, TARGET).args(args_json());
+    for chunk in vec![task; n].chunks(2_000) {
+        store.enqueue_many(chunk).expect("enqueue_many");
+    }
+    let d = drain(store, n, 0);
+    n as f64 / d.parallel.as_secs_f64()
 }
 
 // ---------------------------------------------------------------------------------------------

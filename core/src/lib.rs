@@ -32,7 +32,7 @@ pub use dispatcher::{ClaimKind, Claimed, Dispatcher, DispatcherConfig, Worker, W
 pub use error::{Error, Result};
 pub use hub::CancelFlag;
 pub use pidfile::PidFile;
-pub use store::{Batch, Config, QueueSelection, Store, Synchronous, DB_ENV, DEFAULT_DB};
+pub use store::{Batch, Config, PostgresConfig, QueueSelection, Store, Synchronous, DB_ENV, DEFAULT_DB};
 pub use task::{
     CancelReason, DispatcherInfo, Enqueued, ErrorRecord, NewTask, Outcome, QueueCounts, Runtime, Settled, State, Task,
     TaskFilter, TaskId, DEFAULT_PRIORITY,

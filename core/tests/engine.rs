@@ -520,14 +520,13 @@ fn lost_runs_are_recovered_counted_apart_and_stale_outcomes_refused() {
         let c = claim(&vw);
         // Its heartbeat goes stale (as if it hung): age it past its lease, once its ticker has
         // done its first heartbeat (which would otherwise undo the ageing).
-        let conn = rusqlite::Connection::open(db.path()).unwrap();
-        wait_until("the victim's first heartbeat", Duration::from_secs(5), || {
-            conn.query_row("SELECT heartbeat_at > started_at FROM dispatchers WHERE id = ?1", [victim.id()], |r| {
-                r.get(0)
-            })
-            .unwrap()
-        });
-        conn.execute("UPDATE dispatchers SET beat_mono = beat_mono - 120000000 WHERE id = ?1", [victim.id()]).unwrap();
+        let beat = format!("SELECT heartbeat_at > started_at FROM dispatchers WHERE id = {}", victim.id());
+        wait_until("the victim's first heartbeat", Duration::from_secs(5), || db.query_bool(&beat, &beat));
+        db.exec(
+            &format!("UPDATE dispatchers SET beat_mono = beat_mono - 120000000 WHERE id = {}", victim.id()),
+            &format!("UPDATE dispatchers SET heartbeat_at = heartbeat_at - 120000000 WHERE id = {}", victim.id()),
+        )
+        .unwrap();
         let rescuer = fast_dispatcher(s, Runtime::Python, Duration::from_millis(500));
         let rw = rescuer.worker();
         let again = claim(&rw);

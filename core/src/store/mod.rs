@@ -7,6 +7,8 @@ mod db;
 pub(crate) mod db_fork {
     pub use super::db::{after_fork_in_child, after_fork_in_parent, prepare_fork};
 }
+mod postgres;
+mod postgres_schema;
 pub(crate) mod schema;
 mod sqlite;
 
@@ -24,6 +26,7 @@ use crate::task::{
 use crate::Runtime;
 
 pub use db::Synchronous;
+pub use postgres::PostgresConfig;
 
 /// Environment variable naming the database when no path is given.
 pub const DB_ENV: &str = "QUEUE_DISPATCHER_DB";
@@ -41,6 +44,8 @@ pub struct Config {
     pub busy_timeout: Duration,
     /// The -wal file is checkpointed and truncated back under this size.
     pub wal_limit_bytes: u64,
+    /// Set for a `postgres://` URL: the store is PostgreSQL (`path` then holds the URL as given).
+    pub postgres: Option<PostgresConfig>,
 }
 
 impl Config {
@@ -50,12 +55,14 @@ impl Config {
             synchronous: Synchronous::Normal,
             busy_timeout: Duration::from_secs(30),
             wal_limit_bytes: 16 << 20,
+            postgres: None,
         }
     }
 
     /// Resolves the database location: the argument, else `$QUEUE_DISPATCHER_DB`, else
     /// `queue_dispatcher.db` in the working directory. Accepts a plain path or
-    /// `sqlite:///abs/path` / `sqlite://rel/path`, optionally followed by `?synchronous=full`.
+    /// `sqlite:///abs/path` / `sqlite://rel/path`, optionally followed by `?synchronous=full`, or a
+    /// `postgres://user@host:port/db` (or `postgresql://`) URL, optionally with `?schema=name`.
     pub fn resolve(arg: Option<&str>) -> Result<Config> {
         let env = std::env::var(DB_ENV).ok().filter(|s| !s.is_empty());
         let spec = arg.filter(|s| !s.is_empty()).map(str::to_string).or(env).unwrap_or_else(|| DEFAULT_DB.to_string());
@@ -63,6 +70,11 @@ impl Config {
     }
 
     pub fn parse(spec: &str) -> Result<Config> {
+        if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+            let mut cfg = Config::new(spec);
+            cfg.postgres = Some(PostgresConfig::parse(spec)?);
+            return Ok(cfg);
+        }
         let (location, query) = match spec.split_once('?') {
             Some((l, q)) if spec.starts_with("sqlite:") => (l, Some(q)),
             _ => (spec, None),
@@ -72,7 +84,9 @@ impl Config {
             None if location.contains("://") => {
                 return Err(Error::invalid(
                     "database",
-                    format!("{spec:?}: unsupported URL scheme (this build supports SQLite paths and sqlite:// URLs)"),
+                    format!(
+                    "{spec:?}: unsupported URL scheme (supported: SQLite paths, sqlite://, postgres://, postgresql://)"
+                ),
                 ))
             }
             None => location,
@@ -232,6 +246,9 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     pub fn open(config: &Config) -> Result<Store> {
+        if config.postgres.is_some() {
+            return Ok(Store { backend: Arc::new(postgres::PgStore::open(config)?) });
+        }
         Ok(Store { backend: Arc::new(sqlite::SqliteStore::open(config)?) })
     }
 

@@ -72,19 +72,19 @@ fn task_from_row(r: &Row) -> rusqlite::Result<Task> {
     })
 }
 
-fn cancel_record(code: i64) -> ErrorRecord {
+pub(super) fn cancel_record(code: i64) -> ErrorRecord {
     match code {
         2 => ErrorRecord::new("Reset", "aborted by reset"),
         _ => ErrorRecord::new("Cancelled", "cancelled"),
     }
 }
 
-fn history_entry(attempt: i64, e: &ErrorRecord) -> String {
+pub(super) fn history_entry(attempt: i64, e: &ErrorRecord) -> String {
     serde_json::json!({"attempt": attempt, "class": e.class, "message": e.message, "backtrace": e.backtrace})
         .to_string()
 }
 
-fn check_json(field: &str, text: &str) -> Result<serde_json::Value> {
+pub(super) fn check_json(field: &str, text: &str) -> Result<serde_json::Value> {
     serde_json::from_str(text).map_err(|e| Error::invalid(field, format!("not valid JSON ({e}): {}", abbreviate(text))))
 }
 
@@ -97,7 +97,7 @@ fn abbreviate(text: &str) -> String {
 }
 
 /// Refuses what workers would refuse, with a message naming the field.
-fn validate(t: &NewTask) -> Result<()> {
+pub(super) fn validate(t: &NewTask) -> Result<()> {
     target::validate(t.runtime, &t.target)?;
     let args = check_json("args", &t.args)?;
     let Some(obj) = args.as_object() else {

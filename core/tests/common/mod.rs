@@ -9,23 +9,114 @@ use queue_dispatcher_core::*;
 pub struct TestDb {
     pub dir: tempfile::TempDir,
     pub store: Store,
+    /// Set for a PostgreSQL test database (dropped after the store, see `PgSchema`).
+    pub pg: Option<PgSchema>,
 }
 
 impl TestDb {
     pub fn path(&self) -> std::path::PathBuf {
         self.dir.path().join("queue.db")
     }
+
+    /// Runs one statement directly against the database, bypassing the engine: `sqlite` on an
+    /// SQLite store, `pg` (tables unqualified: the schema is on the search path) on PostgreSQL.
+    pub fn exec(&self, sqlite: &str, pg: &str) -> Result<u64, String> {
+        match &self.pg {
+            None => rusqlite::Connection::open(self.path())
+                .and_then(|c| c.execute(sqlite, []))
+                .map(|n| n as u64)
+                .map_err(|e| e.to_string()),
+            Some(p) => p.client().execute(pg, &[]).map_err(|e| match e.as_db_error() {
+                Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+                None => e.to_string(),
+            }),
+        }
+    }
+
+    /// A boolean query, run directly like [`TestDb::exec`].
+    pub fn query_bool(&self, sqlite: &str, pg: &str) -> bool {
+        match &self.pg {
+            None => rusqlite::Connection::open(self.path()).unwrap().query_row(sqlite, [], |r| r.get(0)).unwrap(),
+            Some(p) => p.client().query_one(pg, &[]).unwrap().get(0),
+        }
+    }
+}
+
+/// Environment variable naming the PostgreSQL server the suite also runs against.
+pub const PG_ENV: &str = "QUEUE_DISPATCHER_TEST_PG";
+
+/// A schema of its own for one test; dropped (with everything in it) when this is dropped.
+pub struct PgSchema {
+    pub url: String,
+    pub schema: String,
+}
+
+impl PgSchema {
+    pub fn client(&self) -> postgres::Client {
+        let mut c = postgres::Client::connect(&self.url, postgres::NoTls).expect("connect to test PostgreSQL");
+        c.batch_execute(&format!("SET search_path = \"{}\"", self.schema)).unwrap();
+        c
+    }
+
+    /// The URL a Store opens for this schema.
+    pub fn store_url(&self) -> String {
+        let sep = if self.url.contains('?') { '&' } else { '?' };
+        format!("{}{sep}schema={}", self.url, self.schema)
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(&self.url, postgres::NoTls) {
+            let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema));
+        }
+    }
+}
+
+/// The test server's URL, or `None` (said once per process) when PostgreSQL tests are skipped.
+pub fn pg_url() -> Option<String> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let url = std::env::var(PG_ENV).ok().filter(|u| !u.is_empty());
+    if url.is_none() {
+        // Straight to the process's stderr: the test harness captures eprintln! of passing tests.
+        SAID.call_once(|| {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "PostgreSQL store SKIPPED: set {PG_ENV}=postgres://user@host:port/db to test it"
+            );
+        });
+    }
+    url
+}
+
+/// A fresh schema name, unique across processes and runs.
+pub fn pg_schema_name() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("qd_test_{}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), fastrand::u32(..))
+}
+
+/// A store on a fresh schema of the test PostgreSQL server, if one is configured.
+pub fn postgres() -> Option<TestDb> {
+    let url = pg_url()?;
+    let pg = PgSchema { url, schema: pg_schema_name() };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&Config::parse(&pg.store_url()).expect("parse URL")).expect("open PostgreSQL store");
+    Some(TestDb { dir, store, pg: Some(pg) })
 }
 
 pub fn sqlite() -> TestDb {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&Config::new(dir.path().join("queue.db"))).expect("open store");
-    TestDb { dir, store }
+    TestDb { dir, store, pg: None }
 }
 
-/// Every store the semantic suite must pass on.
+/// Every store the semantic suite must pass on (PostgreSQL when `QUEUE_DISPATCHER_TEST_PG` is set).
 pub fn stores() -> Vec<(&'static str, TestDb)> {
-    vec![("sqlite", sqlite())]
+    let mut all = vec![("sqlite", sqlite())];
+    all.extend(postgres().map(|db| ("postgres", db)));
+    all
 }
 
 pub fn py(target: &str) -> NewTask {

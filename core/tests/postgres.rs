@@ -1,0 +1,302 @@
+//! What only the PostgreSQL store has: URL handling and its errors, the schema's own refusal of a
+//! second running task per queue, several processes hammering one serial queue, wake-ups across
+//! connections, and a dispatcher that outlives the termination of its backends. Skipped (and
+//! said so) unless `QUEUE_DISPATCHER_TEST_PG` names a server.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use queue_dispatcher_core::*;
+
+fn pg() -> Option<TestDb> {
+    postgres()
+}
+
+#[test]
+fn urls_select_postgres_and_bad_ones_are_named() {
+    let c = Config::parse("postgresql://u@h:5433/app?schema=jobs&connect_timeout=3").unwrap();
+    let p = c.postgres.expect("a PostgreSQL config");
+    assert_eq!(p.schema, "jobs");
+    assert!(p.url.contains("connect_timeout=3") && !p.url.contains("schema"), "{}", p.url);
+    assert_eq!(Config::parse("postgres://u@h/app").unwrap().postgres.unwrap().schema, "queue_dispatcher");
+    assert!(Config::parse("/tmp/x.db").unwrap().postgres.is_none());
+    for (bad, needle) in [
+        ("postgres://u@h:notaport/app", "not a valid PostgreSQL URL"),
+        ("postgres://u@h:5432/app?schema=", "schema"),
+        ("postgres://u@h:5432/app?bogus_option=1", "not a valid PostgreSQL URL"),
+        ("mysql://u@h/app", "unsupported URL scheme"),
+    ] {
+        match Config::parse(bad) {
+            Err(Error::InvalidInput { field, message }) => {
+                assert_eq!(field, "database");
+                assert!(message.contains(needle), "{bad}: {message}");
+            }
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+    // Nothing listens on port 1: the error names the server, quickly.
+    let start = Instant::now();
+    let err =
+        Store::open(&Config::parse("postgres://postgres@127.0.0.1:1/test?connect_timeout=2").unwrap()).unwrap_err();
+    assert!(err.to_string().contains("cannot connect to PostgreSQL at postgres://postgres@127.0.0.1:1/test"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_schema_of_another_application_is_refused_untouched() {
+    let Some(url) = pg_url() else { return };
+    let other = PgSchema { url: url.clone(), schema: pg_schema_name() };
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    c.batch_execute(&format!("CREATE SCHEMA \"{0}\"; CREATE TABLE \"{0}\".invoices (id int)", other.schema)).unwrap();
+    let err = Store::open(&Config::parse(&other.store_url()).unwrap()).unwrap_err();
+    assert!(matches!(err, Error::NotADatabase { .. }), "{err:?}");
+    assert!(err.to_string().contains("another application") && err.to_string().contains("invoices"), "{err}");
+    let tables: i64 =
+        c.query_one("SELECT count(*) FROM pg_tables WHERE schemaname = $1", &[&other.schema]).unwrap().get(0);
+    assert_eq!(tables, 1, "nothing was created in the foreign schema");
+
+    let newer = PgSchema { url: url.clone(), schema: pg_schema_name() };
+    drop(Store::open(&Config::parse(&newer.store_url()).unwrap()).unwrap());
+    newer.client().execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'", &[]).unwrap();
+    let err = Store::open(&Config::parse(&newer.store_url()).unwrap()).unwrap_err();
+    assert!(matches!(err, Error::SchemaTooNew { found: 99, .. }), "{err:?}");
+}
+
+#[test]
+fn concurrent_first_opens_migrate_once() {
+    let Some(url) = pg_url() else { return };
+    let schema = PgSchema { url, schema: pg_schema_name() };
+    let spec = schema.store_url();
+    let stores: Vec<_> = (0..4)
+        .map(|_| {
+            let spec = spec.clone();
+            // Separate processes would each migrate; threads with distinct options stand in for
+            // them (each opens its own connections).
+            std::thread::spawn(move || {
+                let cfg = Config::parse(&format!("{spec}&application_name=t{}", fastrand::u32(..))).unwrap();
+                Store::open(&cfg).map(|s| s.enqueue(py("x")).unwrap().id)
+            })
+        })
+        .collect();
+    let ids: HashSet<TaskId> = stores.into_iter().map(|t| t.join().unwrap().unwrap()).collect();
+    assert_eq!(ids.len(), 4);
+}
+
+#[test]
+fn the_schema_itself_refuses_a_second_running_task_in_a_queue_on_postgres() {
+    let Some(db) = pg() else { return };
+    let a = db.store.enqueue(py("a").queue("q")).unwrap().id;
+    let b = db.store.enqueue(py("b").queue("q")).unwrap().id;
+    db.exec("", &format!("UPDATE tasks SET state = 'running' WHERE id = {a}")).unwrap();
+    let err = db.exec("", &format!("UPDATE tasks SET state = 'running' WHERE id = {b}")).unwrap_err();
+    assert!(err.contains("tasks_one_running_per_queue") && err.contains("23505"), "{err}");
+    let bad = db.exec("", "INSERT INTO tasks (runtime, target) VALUES ('perl', 'x')").unwrap_err();
+    assert!(bad.contains("check constraint"), "{bad}");
+}
+
+#[test]
+fn a_dependency_on_a_missing_row_fails_the_dependent_on_postgres() {
+    let Some(db) = pg() else { return };
+    let dependent = db.store.enqueue(py("d")).unwrap().id;
+    db.exec("", &format!("INSERT INTO task_deps (task_id, depends_on) VALUES ({dependent}, 777777)")).unwrap();
+    let d = dispatcher(&db.store, Runtime::Python);
+    let w = d.worker();
+    let c = claim(&w);
+    assert_eq!((c.task.id, c.kind), (dependent, ClaimKind::OnError));
+    let msg = c.task.error.unwrap().message;
+    assert!(msg.contains("777777") && msg.contains("does not exist"), "{msg}");
+}
+
+#[test]
+fn lease_times_come_from_the_database_clock() {
+    let Some(db) = pg() else { return };
+    let d = dispatcher(&db.store, Runtime::Python);
+    // A host whose clock is an hour off changes nothing: the lease is judged by the server.
+    clock::step_wall_clock(3_600_000_000);
+    let alive = db.store.dispatcher_alive(None);
+    clock::step_wall_clock(-3_600_000_000);
+    assert!(alive.unwrap());
+    let info = db.store.dispatchers().unwrap();
+    let now = clock::now_micros();
+    assert!((info[0].heartbeat_at - now).abs() < 60_000_000, "heartbeat stamped by the server clock");
+    drop(d);
+}
+
+#[test]
+fn an_idle_dispatcher_is_woken_by_another_connection_within_milliseconds() {
+    let Some(db) = pg() else { return };
+    let d = dispatcher(&db.store, Runtime::Python);
+    let w = d.worker();
+    claim_none(&w, Duration::from_millis(300));
+    // A second store with other options has connections (and a listener) of its own: it is
+    // another process as far as the database can tell.
+    let spec = format!("{}&application_name=other", db.pg.as_ref().unwrap().store_url());
+    let other = Store::open(&Config::parse(&spec).unwrap()).unwrap();
+    let mut lat = Vec::new();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(20));
+        let start = Instant::now();
+        let id = other.enqueue(py("x")).unwrap().id;
+        let c = claim(&w);
+        lat.push(start.elapsed());
+        assert_eq!(c.task.id, id);
+        ok(&w, &c);
+    }
+    lat.sort();
+    assert!(lat[lat.len() / 2] < Duration::from_millis(50), "median wake-up {:?}", lat[lat.len() / 2]);
+}
+
+#[test]
+fn a_dispatcher_keeps_going_when_its_backends_are_terminated() {
+    let Some(db) = pg() else { return };
+    let url = db.pg.as_ref().unwrap().url.clone();
+    // Its own application_name, so only this test's backends are terminated.
+    let app = format!("qd_kill_{}", fastrand::u32(..));
+    let spec = format!("{}&application_name={app}", db.pg.as_ref().unwrap().store_url());
+    let store = Store::open(&Config::parse(&spec).unwrap()).unwrap();
+    let d = dispatcher(&store, Runtime::Python);
+    let n = 200;
+    let ids: Vec<TaskId> = (0..n).map(|i| store.enqueue(py(&format!("t{i}")).queue("serial")).unwrap().id).collect();
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let kills = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            let w = d.worker();
+            let done = &done;
+            s.spawn(move || {
+                let end = Instant::now() + Duration::from_secs(60);
+                while done.load(std::sync::atomic::Ordering::SeqCst) < n && Instant::now() < end {
+                    let Some(c) = w.claim(Some(Duration::from_millis(100))).unwrap() else { continue };
+                    std::thread::sleep(Duration::from_millis(2));
+                    // An outcome may be refused only if its run was declared lost meanwhile.
+                    match w.complete(&c, Outcome::Success("null".into())) {
+                        Ok(_) => {
+                            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Err(e) => panic!("complete failed: {e}"),
+                    }
+                }
+            });
+        }
+        // Terminate every backend of this process's stores, several times, while they work.
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(100));
+            let k: i64 = admin
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                      WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                    &[&app],
+                )
+                .unwrap()
+                .get(0);
+            kills.fetch_add(k as usize, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    assert!(kills.load(std::sync::atomic::Ordering::SeqCst) >= 5, "backends were terminated");
+    for id in ids {
+        let t = store.task(id).unwrap();
+        assert_eq!(t.state, State::Successful, "task {id}: {t:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several processes on one serial queue
+
+#[test]
+fn child_entry() {
+    let Some(ChildEnv { role, db, dir, arg }) = child_env() else {
+        return;
+    };
+    let spec = db.to_str().expect("utf-8 URL").to_string();
+    let store = Store::open(&Config::parse(&spec).unwrap()).unwrap_or_else(|e| panic!("child {role}: open: {e}"));
+    match role.as_str() {
+        "hammer" => child_hammer(&store, &dir, &arg),
+        other => panic!("unknown child role {other:?}"),
+    }
+}
+
+/// Claims from the shared queue with several workers, logging each run's monotonic interval.
+fn child_hammer(store: &Store, dir: &Path, arg: &str) {
+    let workers: usize = arg.parse().expect("workers");
+    let d = Dispatcher::start(store, DispatcherConfig { workers, ..DispatcherConfig::new(Runtime::Python) })
+        .expect("start dispatcher");
+    let pid = std::process::id();
+    let log = std::sync::Mutex::new(std::fs::File::create(dir.join(format!("runs-{pid}.log"))).unwrap());
+    std::fs::write(dir.join(format!("ready-{pid}")), "").unwrap();
+    while !dir.join("go").exists() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            let w = d.worker();
+            let log = &log;
+            s.spawn(move || loop {
+                let Some(c) = w.claim(Some(Duration::from_millis(200))).unwrap() else {
+                    let left: u64 = store.counts().unwrap().iter().map(|c| c.new + c.running).sum();
+                    if left == 0 {
+                        return;
+                    }
+                    continue;
+                };
+                let start = clock::mono_micros();
+                std::thread::sleep(Duration::from_micros(300));
+                let end = clock::mono_micros();
+                writeln!(log.lock().unwrap(), "{start} {end} {}", c.task.id).unwrap();
+                assert_eq!(w.complete(&c, Outcome::Success("null".into())).unwrap(), Settled::Successful);
+            });
+        }
+    });
+    d.shutdown(Duration::from_secs(5)).unwrap();
+}
+
+#[test]
+fn processes_hammering_one_serial_queue_never_overlap() {
+    let Some(db) = pg() else { return };
+    let n = 300;
+    let tasks: Vec<NewTask> = (0..n).map(|i| py(&format!("t{i}")).queue("one")).collect();
+    let ids: Vec<TaskId> = db.store.enqueue_many(&tasks).unwrap().iter().map(|e| e.id).collect();
+    let dir = db.dir.path();
+    let url = std::path::PathBuf::from(db.pg.as_ref().unwrap().store_url());
+    let mut children: Vec<std::process::Child> =
+        (0..4).map(|i| spawn_child_process("hammer", &url, dir, "3", &dir.join(format!("child-{i}.out")))).collect();
+    wait_until("children ready", Duration::from_secs(30), || {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("ready-"))
+            .count()
+            == 4
+    });
+    std::fs::write(dir.join("go"), "").unwrap();
+    for (i, c) in children.iter_mut().enumerate() {
+        let status = c.wait().unwrap();
+        let out = std::fs::read_to_string(dir.join(format!("child-{i}.out"))).unwrap_or_default();
+        assert!(status.success(), "child {i} failed:\n{out}");
+    }
+    let mut runs: Vec<(i64, i64, TaskId)> = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap().to_string_lossy().starts_with("runs-") {
+            for line in std::fs::read_to_string(&p).unwrap().lines() {
+                let f: Vec<i64> = line.split(' ').map(|x| x.parse().unwrap()).collect();
+                runs.push((f[0], f[1], f[2]));
+            }
+        }
+    }
+    runs.sort();
+    assert_eq!(runs.len(), n, "every task ran exactly once");
+    assert_eq!(runs.iter().map(|r| r.2).collect::<Vec<_>>(), ids, "in queue order");
+    for pair in runs.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "runs of tasks {} and {} overlap", pair[0].2, pair[1].2);
+    }
+    let pids = std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("runs-"))
+        .count();
+    assert_eq!(pids, 4);
+}
