@@ -27,6 +27,12 @@ use crate::store::{
 };
 use crate::task::{CancelReason, ErrorRecord, Outcome, Runtime, Settled, Task, TaskId};
 
+/// How long a worker waiting for its claim yields the CPU before it sleeps.
+const WORKER_SPIN: Duration = Duration::from_micros(100);
+
+/// How long after handing out claims the writer polls for their outcomes (see writer_loop).
+const COALESCE_WINDOW: Duration = Duration::from_micros(100);
+
 /// Progress writes per task are coalesced to at most one per this interval.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -357,6 +363,14 @@ impl Worker {
     fn wait_slot(&self, slot: Arc<Slot>, sent: Result<()>, timeout: Option<Duration>) -> Result<Option<Claimed>> {
         let result = sent.and_then(|()| {
             let deadline = timeout.map(|t| Instant::now() + t);
+            // The writer usually answers within a cycle (tens of microseconds): yield the CPU
+            // meanwhile rather than sleep, since waking a sleeping thread costs more than that.
+            let spin_until = Instant::now() + WORKER_SPIN;
+            while Instant::now() < spin_until
+                && matches!(*slot.state.lock(), SlotState::Waiting | SlotState::Claiming { .. })
+            {
+                std::thread::yield_now();
+            }
             let mut st = slot.state.lock();
             loop {
                 match std::mem::replace(&mut *st, SlotState::Gone) {
@@ -533,6 +547,8 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
     let mut retry_at: Option<Instant> = None;
     let mut stop = false;
     let mut stop_claiming = false;
+    // How many claims the last cycle delivered, and when.
+    let mut delivered = (0usize, Instant::now());
 
     let handle = |req: Request,
                   parked: &mut Vec<Arc<Slot>>,
@@ -591,7 +607,21 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
         let next_progress =
             progress.values().filter(|p| p.dirty).map(|p| p.last_write.map_or(now, |t| t + PROGRESS_INTERVAL)).min();
         let wake_at = [next_due, next_progress, retry_at].into_iter().flatten().min();
-        let timeout = wake_at.map_or(Duration::from_secs(5), |t| t.saturating_duration_since(now));
+        // Claims just handed out come back within microseconds when tasks are short. Until the
+        // last cycle's outcomes are all in, or COALESCE_WINDOW has passed since it delivered
+        // them, poll instead of sleeping: one transaction then carries them all, and the writer
+        // is not woken from sleep for each (which costs more than the wait).
+        while settles.len() < delivered.0 && delivered.1.elapsed() < COALESCE_WINDOW {
+            match rx.try_recv() {
+                Ok(req) => handle(req, &mut parked, &mut settles, &mut progress, &mut stop, &mut stop_claiming),
+                Err(_) => std::hint::spin_loop(),
+            }
+        }
+        let timeout = if settles.is_empty() {
+            wake_at.map_or(Duration::from_secs(5), |t| t.saturating_duration_since(now))
+        } else {
+            Duration::ZERO
+        };
         select! {
             recv(rx) -> msg => match msg {
                 Ok(req) => handle(req, &mut parked, &mut settles, &mut progress, &mut stop, &mut stop_claiming),
@@ -674,6 +704,7 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
                     let _ = reply.send(settled);
                 }
                 let got = out.claimed.len();
+                delivered = (got, Instant::now());
                 let mut rows = out.claimed.into_iter();
                 for slot in &claiming {
                     match rows.next() {

@@ -221,18 +221,9 @@ fn dependency_failure(c: &Connection, dep: TaskId) -> Result<ErrorRecord> {
     Ok(ErrorRecord::new("DependencyFailed", message))
 }
 
-/// Puts every task enqueued alone since the last promotion into the ready index (of every
-/// runtime: whichever dispatcher claims next does it for all). They are the ids above the mark,
-/// at the end of the table, so this reads a page or two when there is nothing to do.
-fn promote(c: &Connection) -> Result<()> {
-    let (mark, last): (i64, i64) = c
-        .prepare_cached("SELECT (SELECT mark FROM promotion), (SELECT coalesce(max(id), 0) FROM tasks)")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    if last > mark {
-        c.prepare_cached("UPDATE tasks SET indexed = 1 WHERE id > ?1 AND indexed = 0")?.execute([mark])?;
-        c.prepare_cached("UPDATE promotion SET mark = ?1")?.execute([last])?;
-    }
-    Ok(())
+/// The earliest run_at of a delayed task, if any.
+fn next_due(c: &Connection) -> Result<Option<i64>> {
+    Ok(c.prepare_cached("SELECT min(run_at) FROM tasks WHERE state = 'new' AND delayed = 1")?.query_row([], |r| r.get(0))?)
 }
 
 /// Tasks of this runtime that ended without running (a failed dependency, or aborted while
@@ -269,80 +260,95 @@ fn handovers(c: &Connection, req: &ClaimReq<'_>, now: i64, out: &mut Vec<Claimed
     Ok(())
 }
 
-fn claim(c: &Connection, req: &ClaimReq<'_>, now: i64) -> Result<Vec<ClaimedRow>> {
+/// Claims for `req`; also returns the earliest run_at of a still-delayed task. Statements are
+/// few on purpose (this runs in every cycle of every dispatcher): one probe says what else is
+/// needed, and candidates are read whole, so taking one is a single UPDATE.
+fn claim(c: &Connection, req: &ClaimReq<'_>, now: i64) -> Result<(Vec<ClaimedRow>, Option<i64>)> {
     let mut out = Vec::new();
     let rt = req.runtime.as_str();
-    promote(c)?;
-    c.prepare_cached("UPDATE tasks SET delayed = 0 WHERE state = 'new' AND delayed = 1 AND run_at <= ?1")?
-        .execute([now])?;
-
-    // Handovers: tasks that end without running still owe their on_error callback. Rare: one
-    // probe of two small partial indexes decides whether to look.
-    let owed: bool = c
+    // Promotion (see TASKS_V2 in schema.rs): tasks enqueued alone since the last claim wait above
+    // the mark, outside the ready index, whatever their runtime. Handovers: tasks that end
+    // without running still owe their on_error callback (rare; two small partial indexes).
+    let (mark, last, mut due, owed): (i64, i64, Option<i64>, bool) = c
         .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM tasks WHERE state = 'new' AND failed_dep IS NOT NULL AND runtime = ?1)
-                 OR EXISTS (SELECT 1 FROM tasks WHERE handover = 1 AND runtime = ?1)",
+            "SELECT (SELECT mark FROM promotion), (SELECT coalesce(max(id), 0) FROM tasks),
+                    (SELECT min(run_at) FROM tasks WHERE state = 'new' AND delayed = 1),
+                    EXISTS (SELECT 1 FROM tasks WHERE state = 'new' AND failed_dep IS NOT NULL AND runtime = ?1)
+                      OR EXISTS (SELECT 1 FROM tasks WHERE handover = 1 AND runtime = ?1)",
         )?
-        .query_row([rt], |r| r.get(0))?;
+        .query_row([rt], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    if last > mark {
+        c.prepare_cached("UPDATE tasks SET indexed = 1 WHERE id > ?1 AND indexed = 0")?.execute([mark])?;
+        c.prepare_cached("UPDATE promotion SET mark = ?1")?.execute([last])?;
+    }
+    if due.is_some_and(|d| d <= now) {
+        c.prepare_cached("UPDATE tasks SET delayed = 0 WHERE state = 'new' AND delayed = 1 AND run_at <= ?1")?
+            .execute([now])?;
+        due = next_due(c)?;
+    }
     if owed {
         handovers(c, req, now, &mut out)?;
     }
     if out.len() >= req.want {
-        return Ok(out);
+        return Ok((out, due));
     }
     let left = (req.want - out.len()) as i64;
 
     // Candidates: ready parallel tasks, and the head of every free named queue.
-    let mut candidates: Vec<(i64, TaskId)> = Vec::new();
+    let mut candidates: Vec<Task> = Vec::new();
     if req.selection.parallel {
-        let mut stmt = c.prepare_cached(
-            "SELECT priority, id FROM tasks
+        let mut stmt = c.prepare_cached(&format!(
+            "SELECT {TASK_COLS} FROM tasks
               WHERE runtime = ?1 AND state = 'new' AND queue IS NULL AND pending_deps = 0
                 AND failed_dep IS NULL AND delayed = 0 AND indexed = 1 AND run_at <= ?2
-              ORDER BY priority, id LIMIT ?3",
-        )?;
-        let rows = stmt.query_map(params![rt, now, left], |r| Ok((r.get(0)?, r.get(1)?)))?;
+              ORDER BY priority, id LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(params![rt, now, left], task_from_row)?;
         candidates.extend(rows.collect::<rusqlite::Result<Vec<_>>>()?);
     }
-    let named_sql = "SELECT head_priority, head_id FROM queues
-                      WHERE head_runtime = ?1 AND head_id IS NOT NULL AND paused = 0
-                      ORDER BY head_priority, head_id LIMIT ?2";
-    let filtered_sql = "SELECT head_priority, head_id FROM queues
-                         WHERE head_runtime = ?1 AND head_id IS NOT NULL AND paused = 0
-                           AND name IN (SELECT value FROM json_each(?3))
-                         ORDER BY head_priority, head_id LIMIT ?2";
-    let named: Vec<(i64, TaskId)> = match &req.selection.named {
+    let heads = |filter: &str| {
+        format!(
+            "SELECT {cols} FROM queues q JOIN tasks t ON t.id = q.head_id
+              WHERE q.head_runtime = ?1 AND q.head_id IS NOT NULL AND q.paused = 0 {filter}
+              ORDER BY q.head_priority, q.head_id LIMIT ?2",
+            cols = TASK_COLS.split(", ").map(|col| format!("t.{col}")).collect::<Vec<_>>().join(", ")
+        )
+    };
+    let named: Vec<Task> = match &req.selection.named {
         None => c
-            .prepare_cached(named_sql)?
-            .query_map(params![rt, left], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .prepare_cached(&heads(""))?
+            .query_map(params![rt, left], task_from_row)?
             .collect::<rusqlite::Result<_>>()?,
         Some(names) if names.is_empty() => Vec::new(),
         Some(names) => {
             let list = serde_json::to_string(names).expect("strings serialize");
-            c.prepare_cached(filtered_sql)?
-                .query_map(params![rt, left, list], |r| Ok((r.get(0)?, r.get(1)?)))?
+            c.prepare_cached(&heads("AND q.name IN (SELECT value FROM json_each(?3))"))?
+                .query_map(params![rt, left, list], task_from_row)?
                 .collect::<rusqlite::Result<_>>()?
         }
     };
     candidates.extend(named);
-    candidates.sort_unstable();
+    candidates.sort_unstable_by_key(|t| (t.priority, t.id));
     candidates.truncate(left as usize);
 
-    // UPDATE, then SELECT by id: RETURNING would collect the row in a throwaway b-tree first.
+    // No RETURNING: it would collect the row in a throwaway b-tree first; the row was just read.
     let mut take = c.prepare_cached(
         "UPDATE tasks SET state = 'running', attempts = attempts + 1, started_at = ?2, dispatcher_id = ?3,
                           token = ?4, cancel = 0
           WHERE id = ?1 AND state = 'new'",
     )?;
-    let mut read = c.prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))?;
-    for (_, id) in candidates {
+    for mut task in candidates {
         let token = fastrand::i64(1..i64::MAX);
-        if take.execute(params![id, now, req.dispatcher, token])? == 1 {
-            let task = read.query_row([id], task_from_row)?;
+        if take.execute(params![task.id, now, req.dispatcher, token])? == 1 {
+            task.state = State::Running;
+            task.attempts += 1;
+            task.started_at = Some(now);
+            task.dispatcher_id = Some(req.dispatcher);
+            task.cancel_requested = false;
             out.push(ClaimedRow::Run { task, token });
         }
     }
-    Ok(out)
+    Ok((out, due))
 }
 
 fn settle(c: &Connection, s: &SettleReq, now: i64, policy: &RetryPolicy) -> Result<Result<Settled>> {
@@ -853,13 +859,10 @@ impl Backend for SqliteStore {
             for p in progress {
                 write_progress.execute(params![p.id, p.token, p.progress.message, p.progress.perc])?;
             }
-            let claimed = match &claim_req {
+            let (claimed, next_due) = match &claim_req {
                 Some(req) if req.want > 0 => claim(c, req, now)?,
-                _ => Vec::new(),
+                _ => (Vec::new(), next_due(c)?),
             };
-            let next_due: Option<i64> = c
-                .prepare_cached("SELECT min(run_at) FROM tasks WHERE state = 'new' AND delayed = 1")?
-                .query_row([], |r| r.get(0))?;
             Ok(CycleOut { settled, claimed, next_due })
         })
     }
