@@ -131,6 +131,24 @@ def test_sigkill_mid_task_is_recovered_by_another_worker(db, start_worker, tmp_p
     assert runs == [str(victim.pid), str(rescuer.pid)]
 
 
+def test_max_lost_gives_a_task_up_after_that_many_lost_runs(db, start_worker, tmp_path):
+    started = tmp_path / "started"
+    release = tmp_path / "release"  # never created: every run holds until its worker dies
+    t = qd_jobs.hold.enqueue_with(queue="crashy")(str(release), str(started))
+    victims = []
+    for run in (1, 2):
+        w = start_worker(*FAST_LEASE, "--max-lost", "1")
+        wait_until(f"run {run} to start", lambda: len(started.read_text().splitlines()) == run if started.exists() else False)
+        w.proc.send_signal(signal.SIGKILL)
+        w.proc.wait(10)
+        victims.append(w)
+    # The first lost run went back to `new` (1 <= --max-lost 1); the second one is one too many.
+    start_worker(*FAST_LEASE, "--max-lost", "1")
+    wait_until("the task to be given up", lambda: t.refresh().state == "aborted", timeout=30)
+    assert t.lost == 2 and "worker lost more than 1 times" in t.error.message
+    assert [ln.split()[1] for ln in started.read_text().splitlines()] == [str(v.pid) for v in victims]
+
+
 def test_sigterm_finishes_running_tasks_and_claims_nothing_new(db, start_worker, tmp_path):
     started = tmp_path / "started"
     release = tmp_path / "release"

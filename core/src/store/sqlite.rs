@@ -223,7 +223,8 @@ fn dependency_failure(c: &Connection, dep: TaskId) -> Result<ErrorRecord> {
 
 /// The earliest run_at of a delayed task, if any.
 fn next_due(c: &Connection) -> Result<Option<i64>> {
-    Ok(c.prepare_cached("SELECT min(run_at) FROM tasks WHERE state = 'new' AND delayed = 1")?.query_row([], |r| r.get(0))?)
+    Ok(c.prepare_cached("SELECT min(run_at) FROM tasks WHERE state = 'new' AND delayed = 1")?
+        .query_row([], |r| r.get(0))?)
 }
 
 /// Tasks of this runtime that ended without running (a failed dependency, or aborted while
