@@ -270,18 +270,23 @@ fn claim(c: &Connection, req: &ClaimReq<'_>, now: i64) -> Result<(Vec<ClaimedRow
     // Promotion (see TASKS_V2 in schema.rs): tasks enqueued alone since the last claim wait above
     // the mark, outside the ready index, whatever their runtime. Handovers: tasks that end
     // without running still owe their on_error callback (rare; two small partial indexes).
-    let (mark, last, mut due, owed): (i64, i64, Option<i64>, bool) = c
+    // any_heads: whether any named queue of this runtime has a task to take, so a dispatcher of
+    // parallel tasks only does not read the queue table each cycle.
+    let (mark, last, mut due, owed, mut any_heads): (i64, i64, Option<i64>, bool, bool) = c
         .prepare_cached(
             "SELECT (SELECT mark FROM promotion), (SELECT coalesce(max(id), 0) FROM tasks),
                     (SELECT min(run_at) FROM tasks WHERE state = 'new' AND delayed = 1),
                     EXISTS (SELECT 1 FROM tasks WHERE state = 'new' AND failed_dep IS NOT NULL AND runtime = ?1)
-                      OR EXISTS (SELECT 1 FROM tasks WHERE handover = 1 AND runtime = ?1)",
+                      OR EXISTS (SELECT 1 FROM tasks WHERE handover = 1 AND runtime = ?1),
+                    EXISTS (SELECT 1 FROM queues WHERE head_runtime = ?1 AND head_id IS NOT NULL AND paused = 0)",
         )?
-        .query_row([rt], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        .query_row([rt], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
     if last > mark {
         c.prepare_cached("UPDATE tasks SET indexed = 1 WHERE id > ?1 AND indexed = 0")?.execute([mark])?;
         c.prepare_cached("UPDATE promotion SET mark = ?1")?.execute([last])?;
     }
+    // Releasing delayed tasks and failing tasks of failed dependencies can move queue heads.
+    any_heads |= owed || due.is_some_and(|d| d <= now);
     if due.is_some_and(|d| d <= now) {
         c.prepare_cached("UPDATE tasks SET delayed = 0 WHERE state = 'new' AND delayed = 1 AND run_at <= ?1")?
             .execute([now])?;
@@ -316,6 +321,7 @@ fn claim(c: &Connection, req: &ClaimReq<'_>, now: i64) -> Result<(Vec<ClaimedRow
         )
     };
     let named: Vec<Task> = match &req.selection.named {
+        _ if !any_heads => Vec::new(),
         None => c
             .prepare_cached(&heads(""))?
             .query_map(params![rt, left], task_from_row)?
