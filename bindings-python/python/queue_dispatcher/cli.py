@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def db_option(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--db", metavar="PATH", help="database path or sqlite:///abs/path (default: $QUEUE_DISPATCHER_DB, else ./queue_dispatcher.db)")
+        sp.add_argument("--db", metavar="PATH", help="database path, sqlite:///abs/path or postgres://user@host/db[?schema=S] (default: $QUEUE_DISPATCHER_DB, else ./queue_dispatcher.db)")
 
     w = sub.add_parser("worker", help="run tasks (a dispatcher with worker threads)",
                        description="Runs the registered tasks of the imported modules on worker threads until SIGTERM/SIGINT "

@@ -81,7 +81,7 @@ module QueueDispatcher
         o.separator 'Options:'
         o.on('-w', '--workers N', Integer, 'worker threads per process (default 10)') { |v| @opts[:workers] = v }
         o.on('-r', '--require FILE', 'load the application (repeatable; default: ./config/environment.rb if present)') { |v| @opts[:requires] << v }
-        o.on('--db PATH', "database path or sqlite:// URL (default: $#{Native::DB_ENV}, else ./#{Native::DEFAULT_DB})") { |v| @opts[:db] = v }
+        o.on('--db PATH', "database path, sqlite:// or postgres://user@host/db[?schema=S] URL (default: $#{Native::DB_ENV}, else ./#{Native::DEFAULT_DB})") { |v| @opts[:db] = v }
         o.on('--queues A,B', Array, 'serve only these named queues (and no unqueued tasks unless --parallel)') { |v| @opts[:queues] = v }
         o.on('--[no-]parallel', 'serve tasks without a queue (default: yes, unless --queues is given)') { |v| @opts[:parallel] = v }
         o.on('-p', '--processes P', Integer, 'run P worker processes under one supervisor that restarts any that die') { |v| @opts[:processes] = v }
