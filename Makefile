@@ -6,7 +6,7 @@ PYTHON ?= python3
 PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip --disable-pip-version-check
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all setup test test-core demo bench lint clean setup-python install-python test-python bench-python setup-ruby install-ruby test-ruby test-cross demo-rust
+.PHONY: all setup installed test test-core demo bench lint clean setup-python install-python test-python bench-python setup-ruby install-ruby test-ruby test-cross demo-rust
 
 all: test
 
@@ -26,6 +26,7 @@ setup-python:
 # `pip install .` (maturin builds bindings-python against the committed Cargo.lock).
 install-python: setup setup-python
 	$(PIP) install --quiet --no-build-isolation .
+	mkdir -p $(STAMPS) && touch $(STAMPS)/python
 
 test-python: install-python
 	$(PYTHON) -m mypy.stubtest queue_dispatcher._native
@@ -47,6 +48,7 @@ install-ruby: setup setup-ruby
 	mkdir -p target
 	$(GEM) build queue_dispatcher.gemspec -o target/queue_dispatcher.gem
 	$(GEM) install target/queue_dispatcher.gem --local --no-document --install-dir $(RUBY_GEM_HOME) --bindir $(RUBY_GEM_HOME)/bin
+	mkdir -p $(STAMPS) && touch $(STAMPS)/ruby
 
 # The crate's own test (embedded Ruby), every Ruby suite, then the binding's unit tests once more
 # under GC.stress.
@@ -70,17 +72,20 @@ PY_SOURCES = $(shell find core/src bindings-python/src bindings-python/python -t
 	Cargo.toml Cargo.lock pyproject.toml core/Cargo.toml bindings-python/Cargo.toml
 RB_SOURCES = $(shell find core/src bindings-ruby/src bindings-ruby/lib bindings-ruby/exe bindings-ruby/ext -type f) \
 	Cargo.toml Cargo.lock queue_dispatcher.gemspec core/Cargo.toml bindings-ruby/Cargo.toml
+# (install-python / install-ruby touch the stamps, so a `make test` before counts too.)
 $(STAMPS)/python: $(PY_SOURCES)
 	$(MAKE) --no-print-directory install-python
-	mkdir -p $(STAMPS) && touch $@
 $(STAMPS)/ruby: $(RB_SOURCES)
 	$(MAKE) --no-print-directory install-ruby
-	mkdir -p $(STAMPS) && touch $@
 
-demo: setup
+# Both packages installed from the current sources (rebuilt only if a source changed or the
+# installed package does not load).
+installed: setup
 	@$(PYTHON) -c 'import queue_dispatcher' 2>/dev/null || rm -f $(STAMPS)/python
 	@$(RUBY_ENV) $(RUBY) -e 'require "queue_dispatcher"' 2>/dev/null || rm -f $(STAMPS)/ruby
 	@$(MAKE) --no-print-directory $(STAMPS)/python $(STAMPS)/ruby
+
+demo: installed
 	$(RUBY_ENV) $(PYTHON) examples/demo.py
 
 # The engine alone, driven from Rust (core/examples/demo.rs).
@@ -88,7 +93,7 @@ demo-rust: setup
 	$(CARGO) run -q --release -p queue_dispatcher_core --example demo
 
 # BENCH_SHORT=1 runs a quick pass (CI), figures printed as JSON lines, never asserted.
-bench: setup install-python install-ruby
+bench: installed
 	$(CARGO) bench -p queue_dispatcher_core --bench engine
 	$(RUBY_ENV) $(RUBY) bindings-ruby/bench/bench.rb
 	$(PYTHON) bindings-python/bench/bench.py
