@@ -611,10 +611,11 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
         // last cycle's outcomes are all in, or COALESCE_WINDOW has passed since it delivered
         // them, poll instead of sleeping: one transaction then carries them all, and the writer
         // is not woken from sleep for each (which costs more than the wait).
+        // It yields the CPU while polling: on a busy machine the workers it waits for may need it.
         while settles.len() < delivered.0 && delivered.1.elapsed() < COALESCE_WINDOW {
             match rx.try_recv() {
                 Ok(req) => handle(req, &mut parked, &mut settles, &mut progress, &mut stop, &mut stop_claiming),
-                Err(_) => std::hint::spin_loop(),
+                Err(_) => std::thread::yield_now(),
             }
         }
         let timeout = if settles.is_empty() {
