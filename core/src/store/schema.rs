@@ -127,6 +127,17 @@ CREATE TRIGGER task_deps_added AFTER INSERT ON task_deps BEGIN
                       AND d.state IN ('new', 'running', 'successful'));
 END;
 
+{task_triggers}
+"#,
+        task_triggers = task_triggers(),
+    )
+}
+
+/// The triggers on `tasks`, the same in v1 and v2 (v2 creates them again after rebuilding the
+/// table): dependency bookkeeping on outcomes and deletes, and the head of each named queue.
+fn task_triggers() -> String {
+    format!(
+        r#"
 CREATE TRIGGER tasks_succeeded AFTER UPDATE OF state ON tasks
 WHEN NEW.state = 'successful' AND OLD.state <> 'successful' BEGIN
   UPDATE tasks SET pending_deps = pending_deps - 1
@@ -267,45 +278,9 @@ CREATE TRIGGER task_deps_added AFTER INSERT ON task_deps BEGIN
                       AND (d.state = 'new' OR d.state = 'running' OR d.state = 'successful'));
 END;
 
-CREATE TRIGGER tasks_succeeded AFTER UPDATE OF state ON tasks
-WHEN NEW.state = 'successful' AND OLD.state <> 'successful' BEGIN
-  UPDATE tasks SET pending_deps = pending_deps - 1
-   WHERE id IN (SELECT task_id FROM task_deps WHERE depends_on = NEW.id) AND pending_deps > 0;
-END;
-
-CREATE TRIGGER tasks_failed AFTER UPDATE OF state ON tasks
-WHEN NEW.state IN ('error', 'aborted') AND OLD.state NOT IN ('error', 'aborted') BEGIN
-  UPDATE tasks SET failed_dep = NEW.id
-   WHERE id IN (SELECT task_id FROM task_deps WHERE depends_on = NEW.id)
-     AND state = 'new' AND failed_dep IS NULL;
-END;
-
-CREATE TRIGGER tasks_deleted AFTER DELETE ON tasks BEGIN
-  DELETE FROM task_deps WHERE task_id = OLD.id;
-  UPDATE tasks SET failed_dep = OLD.id
-   WHERE id IN (SELECT task_id FROM task_deps WHERE depends_on = OLD.id)
-     AND state = 'new' AND failed_dep IS NULL;
-  DELETE FROM task_deps WHERE depends_on = OLD.id;
-END;
-
-CREATE TRIGGER tasks_queued AFTER INSERT ON tasks WHEN NEW.queue IS NOT NULL BEGIN
-  INSERT OR IGNORE INTO queues(name) VALUES (NEW.queue);
-  {head_new}
-END;
-
-CREATE TRIGGER tasks_queue_changed
-AFTER UPDATE OF state, pending_deps, failed_dep, delayed, attempts, lost, priority ON tasks
-WHEN NEW.queue IS NOT NULL BEGIN
-  {head_new}
-END;
-
-CREATE TRIGGER tasks_queue_deleted AFTER DELETE ON tasks
-WHEN OLD.queue IS NOT NULL AND OLD.state IN ('new', 'running') BEGIN
-  {head_old}
-END;
+{task_triggers}
 "#,
-        head_new = recompute_head("NEW.queue"),
-        head_old = recompute_head("OLD.queue"),
+        task_triggers = task_triggers(),
     )
 }
 
