@@ -88,6 +88,43 @@ fn concurrent_first_opens_migrate_once() {
 }
 
 #[test]
+fn a_version_1_schema_is_migrated_to_the_one_statement_cycle() {
+    let Some(url) = pg_url() else { return };
+    let schema = PgSchema { url, schema: pg_schema_name() };
+    let cfg = Config::parse(&schema.store_url()).unwrap();
+    drop(Store::open(&cfg).unwrap());
+    // What version 1 left: no cycle function.
+    schema
+        .client()
+        .batch_execute("DROP FUNCTION cycle_fast; UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        .unwrap();
+    let store = Store::open(&cfg).unwrap();
+    let mut c = schema.client();
+    let version: String = c.query_one("SELECT value FROM meta WHERE key = 'schema_version'", &[]).unwrap().get(0);
+    assert_eq!(version, "2");
+    let functions: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = $1 AND p.proname = 'cycle_fast'",
+            &[&schema.schema],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(functions, 1);
+    let ids: Vec<TaskId> = (0..6).map(|i| store.enqueue(py(&format!("t{i}"))).unwrap().id).collect();
+    let d = dispatcher(&store, Runtime::Python);
+    let w = d.worker();
+    for _ in &ids {
+        let got = claim(&w);
+        w.complete(&got, Outcome::Success("1".into())).unwrap();
+    }
+    for id in ids {
+        assert_eq!(store.task(id).unwrap().state, State::Successful);
+    }
+    drop(d);
+}
+
+#[test]
 fn the_schema_itself_refuses_a_second_running_task_in_a_queue_on_postgres() {
     let Some(db) = pg() else { return };
     let a = db.store.enqueue(py("a").queue("q")).unwrap().id;

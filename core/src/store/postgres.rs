@@ -1347,70 +1347,43 @@ impl Backend for PgStore {
         retry: &RetryPolicy,
     ) -> Result<CycleOut> {
         let s = self.s()?;
-        let doubt: Vec<i64> = s.in_doubt.lock().clone();
-        let wake = !settles.is_empty();
-        let mut claimed_tokens: Vec<i64> = Vec::new();
-        let res = s.tx(false, |c| {
-            if !doubt.is_empty() {
-                // Claims whose commit reply was lost: hand back any that did commit.
-                c.exec(
-                    "UPDATE @.tasks SET state = 'new', attempts = greatest(attempts - 1, 0), token = NULL, cancel = 0
-                      WHERE token = ANY($1) AND state = 'running'",
-                    &[&doubt],
-                )?;
-            }
-            let mut settled = Vec::with_capacity(settles.len());
-            for st in settles {
-                settled.push(settle(c, st, retry)?);
-            }
-            for p in progress {
-                c.exec(
-                    "UPDATE @.tasks SET message = coalesce($3, message), perc_finished = coalesce($4, perc_finished)
-                      WHERE id = $1 AND token = $2 AND state = 'running'",
-                    &[&p.id, &p.token, &p.progress.message, &p.progress.perc],
-                )?;
-            }
-            let claimed = match &claim_req {
-                Some(req) if req.want > 0 => claim(c, req)?,
-                _ => Vec::new(),
-            };
-            claimed_tokens = claimed
-                .iter()
-                .filter_map(|r| match r {
-                    ClaimedRow::Run { token, .. } => Some(*token),
-                    ClaimedRow::OnError { .. } => None,
-                })
-                .collect();
-            let full = claim_req.as_ref().is_some_and(|r| claimed.len() >= r.want);
-            let own = s.own();
-            let next_due: Option<i64> = if full && !wake {
-                None
-            } else {
-                c.one(
-                    "SELECT (SELECT min(run_at) FROM @.tasks WHERE state = 'new' AND run_at > @.now_us()),
-                            CASE WHEN $2 THEN @.wake($1) END IS NULL",
-                    &[&own, &wake],
-                )?
-                .get(0)
-            };
-            Ok(CycleOut { settled, claimed, next_due })
-        });
-        match res {
-            Ok(out) => {
-                if !doubt.is_empty() {
-                    s.in_doubt.lock().retain(|t| !doubt.contains(t));
+        match cycle_fast(&s, settles, progress, claim_req.as_ref())? {
+            Fast::Done(out) => Ok(out),
+            Fast::NotApplicable => cycle_slow(&s, settles, progress, claim_req, retry),
+            Fast::Partly { mut out, leftover, claim_owed } => {
+                let rest: Vec<SettleReq> = leftover
+                    .iter()
+                    .map(|&i| SettleReq {
+                        id: settles[i].id,
+                        token: settles[i].token,
+                        settle: match &settles[i].settle {
+                            Settle::Outcome(o) => Settle::Outcome(o.clone()),
+                            Settle::Release => Settle::Release,
+                        },
+                        progress: None,
+                    })
+                    .collect();
+                let claim_req = if claim_owed { claim_req } else { None };
+                match cycle_slow(&s, &rest, &[], claim_req, retry) {
+                    Ok(slow) => {
+                        for (i, settled) in leftover.into_iter().zip(slow.settled) {
+                            out.settled[i] = settled;
+                        }
+                        out.claimed.extend(slow.claimed);
+                        out.next_due = slow.next_due.or(out.next_due);
+                        Ok(out)
+                    }
+                    Err(e) => {
+                        // The caller takes this cycle as not written: the claims the fast
+                        // statement committed are handed back at the next cycle, and the
+                        // outcomes it stored are acknowledged then (found under their tokens).
+                        s.in_doubt.lock().extend(out.claimed.iter().filter_map(|r| match r {
+                            ClaimedRow::Run { token, .. } => Some(*token),
+                            ClaimedRow::OnError { .. } => None,
+                        }));
+                        Err(e)
+                    }
                 }
-                if wake || out.claimed.iter().any(|r| matches!(r, ClaimedRow::OnError { .. })) {
-                    s.hub.notify();
-                }
-                Ok(out)
-            }
-            Err(e) => {
-                // A COMMIT that failed may still have committed: remember its claims' tokens.
-                if !claimed_tokens.is_empty() {
-                    s.in_doubt.lock().extend(claimed_tokens);
-                }
-                Err(e)
             }
         }
     }
@@ -1430,7 +1403,6 @@ impl Backend for PgStore {
         s.batches.lock().insert(me, BatchConn { conn, depth: 1 });
         Ok(())
     }
-
     fn end_batch(&self, commit: bool) -> Result<()> {
         let s = self.s()?;
         let me = std::thread::current().id();
@@ -1464,6 +1436,217 @@ impl Backend for PgStore {
             }
         }
         res
+    }
+}
+
+/// What the one-statement cycle did.
+enum Fast {
+    /// Not the common case (or the statement failed): the full path does everything.
+    NotApplicable,
+    Done(CycleOut),
+    /// Committed, but these settles (indexes) were not stored (stale token, cancel pending), and
+    /// maybe handovers are owed before claiming: the full path finishes the cycle.
+    Partly {
+        out: CycleOut,
+        leftover: Vec<usize>,
+        claim_owed: bool,
+    },
+}
+
+const CYCLE_FAST: &str = "SELECT * FROM @.cycle_fast($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
+/// The common cycle (plain successes, then claims) in one autocommit statement: see
+/// `@.cycle_fast` in postgres_schema.rs. Each claim's token is chosen here, before the statement
+/// is sent: if the connection is lost with its outcome unknown, the tokens go in doubt (claims
+/// that did commit are handed back by the full path, which runs next, in the same cycle), and an
+/// outcome that was stored is found under its token and acknowledged as stored.
+fn cycle_fast(
+    s: &Shared,
+    settles: &[SettleReq],
+    progress: &[ProgressReq],
+    claim_req: Option<&ClaimReq<'_>>,
+) -> Result<Fast> {
+    if !progress.is_empty() || !s.in_doubt.lock().is_empty() {
+        return Ok(Fast::NotApplicable);
+    }
+    if s.batches.lock().contains_key(&std::thread::current().id()) {
+        return Ok(Fast::NotApplicable);
+    }
+    let (mut ids, mut tokens, mut results) = (Vec::new(), Vec::new(), Vec::new());
+    for st in settles {
+        let (Settle::Outcome(Outcome::Success(json)), None) = (&st.settle, &st.progress) else {
+            return Ok(Fast::NotApplicable);
+        };
+        ids.push(st.id);
+        tokens.push(st.token);
+        results.push(if serde_json::from_str::<serde_json::Value>(json).is_ok() {
+            json.clone()
+        } else {
+            serde_json::Value::String(json.clone()).to_string()
+        });
+    }
+    let want = claim_req.map_or(0, |r| r.want);
+    if settles.is_empty() && want == 0 {
+        return Ok(Fast::NotApplicable);
+    }
+    let claim_tokens: Vec<i64> = (0..want).map(|_| fastrand::i64(1..i64::MAX)).collect();
+    let (rt, dispatcher, parallel, named) = match claim_req {
+        Some(r) => (r.runtime.as_str(), r.dispatcher, r.selection.parallel, r.selection.named.clone()),
+        None => ("python", 0, false, None),
+    };
+    let any_named = named.as_ref().is_none_or(|n| !n.is_empty());
+    let wake = !settles.is_empty();
+    let Ok(mut conn) = s.checkout() else { return Ok(Fast::NotApplicable) };
+    let own = s.own();
+    let want_i32 = want as i32;
+    let params: [&(dyn ToSql + Sync); 12] = [
+        &ids,
+        &tokens,
+        &results,
+        &rt,
+        &dispatcher,
+        &want_i32,
+        &parallel,
+        &any_named,
+        &named,
+        &claim_tokens,
+        &own,
+        &wake,
+    ];
+    let rows = match conn.query(CYCLE_FAST, &params) {
+        Ok(rows) => {
+            s.checkin(conn);
+            rows
+        }
+        Err(e) => {
+            if !claim_tokens.is_empty() {
+                s.in_doubt.lock().extend(claim_tokens);
+            }
+            s.checkin(conn);
+            // A lost connection or a conflict: the full path retries with backoff (and hands
+            // back what may have committed). Anything else is a fault worth reporting.
+            return if retryable(&e) { Ok(Fast::NotApplicable) } else { Err(pg_error(&e)) };
+        }
+    };
+    let mut claimed: Vec<(i64, TaskId, ClaimedRow)> = Vec::with_capacity(want);
+    let (mut stored, mut next_due, mut owed) = (Vec::new(), None, false);
+    for r in &rows {
+        if r.get::<_, Option<i64>>(0).is_none() {
+            stored = r.get::<_, Vec<i64>>(26);
+            next_due = r.get(27);
+            owed = r.get(28);
+            continue;
+        }
+        let task = match task_from_row(r) {
+            Ok(t) => t,
+            Err(e) => {
+                // Committed, but unreadable: hand the claims back at the next cycle.
+                s.in_doubt.lock().extend(claim_tokens);
+                return Err(e);
+            }
+        };
+        let token: i64 = r.get(25);
+        claimed.push((task.priority, task.id, ClaimedRow::Run { task, token }));
+    }
+    claimed.sort_by_key(|(p, id, _)| (*p, *id));
+    let mut leftover = Vec::new();
+    let settled: Vec<Result<Settled>> = settles
+        .iter()
+        .enumerate()
+        .map(|(i, st)| {
+            if stored.contains(&st.id) {
+                Ok(Settled::Successful)
+            } else {
+                leftover.push(i);
+                Err(Error::StaleToken { task: st.id })
+            }
+        })
+        .collect();
+    if wake {
+        s.hub.notify();
+    }
+    let out = CycleOut { settled, claimed: claimed.into_iter().map(|(_, _, r)| r).collect(), next_due };
+    let claim_owed = owed && want > 0;
+    if leftover.is_empty() && !claim_owed {
+        Ok(Fast::Done(out))
+    } else {
+        Ok(Fast::Partly { out, leftover, claim_owed })
+    }
+}
+
+/// The full cycle: any settles, progress and claims, in one transaction of several statements.
+fn cycle_slow(
+    s: &Shared,
+    settles: &[SettleReq],
+    progress: &[ProgressReq],
+    claim_req: Option<ClaimReq<'_>>,
+    retry: &RetryPolicy,
+) -> Result<CycleOut> {
+    let doubt: Vec<i64> = s.in_doubt.lock().clone();
+    let wake = !settles.is_empty();
+    let mut claimed_tokens: Vec<i64> = Vec::new();
+    let res = s.tx(false, |c| {
+        if !doubt.is_empty() {
+            // Claims whose commit reply was lost: hand back any that did commit.
+            c.exec(
+                "UPDATE @.tasks SET state = 'new', attempts = greatest(attempts - 1, 0), token = NULL, cancel = 0
+                  WHERE token = ANY($1) AND state = 'running'",
+                &[&doubt],
+            )?;
+        }
+        let mut settled = Vec::with_capacity(settles.len());
+        for st in settles {
+            settled.push(settle(c, st, retry)?);
+        }
+        for p in progress {
+            c.exec(
+                "UPDATE @.tasks SET message = coalesce($3, message), perc_finished = coalesce($4, perc_finished)
+                  WHERE id = $1 AND token = $2 AND state = 'running'",
+                &[&p.id, &p.token, &p.progress.message, &p.progress.perc],
+            )?;
+        }
+        let claimed = match &claim_req {
+            Some(req) if req.want > 0 => claim(c, req)?,
+            _ => Vec::new(),
+        };
+        claimed_tokens = claimed
+            .iter()
+            .filter_map(|r| match r {
+                ClaimedRow::Run { token, .. } => Some(*token),
+                ClaimedRow::OnError { .. } => None,
+            })
+            .collect();
+        let full = claim_req.as_ref().is_some_and(|r| claimed.len() >= r.want);
+        let own = s.own();
+        let next_due: Option<i64> = if full && !wake {
+            None
+        } else {
+            c.one(
+                "SELECT (SELECT min(run_at) FROM @.tasks WHERE state = 'new' AND run_at > @.now_us()),
+                        CASE WHEN $2 THEN @.wake($1) END IS NULL",
+                &[&own, &wake],
+            )?
+            .get(0)
+        };
+        Ok(CycleOut { settled, claimed, next_due })
+    });
+    match res {
+        Ok(out) => {
+            if !doubt.is_empty() {
+                s.in_doubt.lock().retain(|t| !doubt.contains(t));
+            }
+            if wake || out.claimed.iter().any(|r| matches!(r, ClaimedRow::OnError { .. })) {
+                s.hub.notify();
+            }
+            Ok(out)
+        }
+        Err(e) => {
+            // A COMMIT that failed may still have committed: remember its claims' tokens.
+            if !claimed_tokens.is_empty() {
+                s.in_doubt.lock().extend(claimed_tokens);
+            }
+            Err(e)
+        }
     }
 }
 
