@@ -207,7 +207,10 @@ CREATE OR REPLACE FUNCTION @.cycle_fast(
     meta text, result text, error text, error_history text, message text, perc_finished double precision,
     enqueued_at bigint, started_at bigint, finished_at bigint, dispatcher_id bigint, cancel integer,
     token bigint, stored bigint[], next_due bigint, owed boolean)
-  LANGUAGE plpgsql VOLATILE AS $$
+  -- Custom plans (the default for a statement's first runs, and for good whenever the planner
+  -- prices the generic plan higher) replan the claim statements on every call: about 0.8 ms of
+  -- the ~1.5 ms a claim took. The generic plans are the same index scans.
+  LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
   done bigint[] := '{}';
