@@ -12,6 +12,11 @@
 //! others shared (`@.wake`), and notify when one is held. A waiter that arrives while a writer
 //! holds the slots shared blocks until that commit is visible, then looks for work: no wake-up is
 //! ever lost between "nothing to do" and "waiting".
+//!
+//! Connections: an r2d2 pool per process and database (at most `POOL_SIZE`, opened on demand,
+//! never tested on checkout: a lost connection fails the transaction, which is retried on another).
+//! Each keeps its own prepared statements. A forked child never uses or drops its parent's pool:
+//! it opens its own, and the inherited one is leaked (closing it would close the parent's sockets).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -188,6 +193,45 @@ pub(super) struct Conn {
     client: Client,
     schema: String,
     stmts: HashMap<&'static str, Statement>,
+    /// Its state is unknown (an error left it mid-transaction): the pool closes it.
+    broken: bool,
+}
+
+/// Opens pooled connections (r2d2 calls it from its own threads) and tells it which are broken.
+struct Manager {
+    client_cfg: postgres::Config,
+    cfg: PostgresConfig,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = Error;
+
+    fn connect(&self) -> Result<Conn> {
+        let client = connect(&self.client_cfg, &self.cfg)?;
+        Ok(Conn { client, schema: self.cfg.schema.clone(), stmts: HashMap::new(), broken: false })
+    }
+
+    /// Only called when checked out connections are tested, which this pool does not do: a
+    /// lost connection shows up as a retryable error of the transaction, which is retried.
+    fn is_valid(&self, conn: &mut Conn) -> Result<()> {
+        conn.client.simple_query("").map(|_| ()).map_err(|e| pg_error(&e))
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.broken || conn.client.is_closed()
+    }
+}
+
+/// Connections per process and database, at most (busy and idle together); a thread that finds
+/// all busy waits for one.
+const POOL_SIZE: u32 = 32;
+
+type Pooled = r2d2::PooledConnection<Manager>;
+
+/// Hands a connection back to the pool for closing rather than reuse.
+fn discard(mut conn: Pooled) {
+    conn.broken = true;
 }
 
 type PgResult<T> = std::result::Result<T, postgres::Error>;
@@ -244,7 +288,7 @@ impl From<Error> for TxError {
 type TxResult<T> = std::result::Result<T, TxError>;
 
 struct BatchConn {
-    conn: Conn,
+    conn: Pooled,
     depth: u32,
 }
 
@@ -255,7 +299,9 @@ struct Shared {
     client_cfg: postgres::Config,
     channel: String,
     lock_key: i32,
-    pool: Mutex<Vec<Conn>>,
+    /// Not shared with a forked child: a child builds its own Shared and leaks the inherited one
+    /// (PgStore::s), so it never closes its parent's connections.
+    pool: r2d2::Pool<Manager>,
     batches: Mutex<HashMap<ThreadId, BatchConn>>,
     hub: Arc<Hub>,
     /// The wake slot this process's listener holds (-1: none); our own writers skip it.
@@ -302,13 +348,23 @@ impl Shared {
         let channel = format!("qd_{}", cfg.schema);
         let mut client = connect(&client_cfg, cfg)?;
         schema::migrate(&mut client, &cfg.schema, &channel, &cfg.describe())?;
+        drop(client);
+        let pool = r2d2::Pool::builder()
+            .max_size(POOL_SIZE)
+            // Opened on demand, not POOL_SIZE at once.
+            .min_idle(Some(0))
+            .test_on_check_out(false)
+            .idle_timeout(Some(Duration::from_secs(60)))
+            .connection_timeout(Duration::from_secs(5))
+            .error_handler(Box::new(r2d2::NopErrorHandler))
+            .build_unchecked(Manager { client_cfg: client_cfg.clone(), cfg: cfg.clone() });
         let shared = Arc::new(Shared {
             pid: std::process::id(),
             cfg: cfg.clone(),
             client_cfg,
             channel,
             lock_key: schema::lock_key(&cfg.schema),
-            pool: Mutex::new(vec![Conn { client, schema: cfg.schema.clone(), stmts: HashMap::new() }]),
+            pool,
             batches: Mutex::new(HashMap::new()),
             hub: Arc::new(Hub::default()),
             own_slot: Arc::new(AtomicI32::new(-1)),
@@ -321,24 +377,21 @@ impl Shared {
         Ok(shared)
     }
 
-    fn checkout(&self) -> Result<Conn> {
-        if let Some(c) = self.pool.lock().pop() {
-            if !c.client.is_closed() {
-                return Ok(c);
+    /// A pooled connection: an idle one, else a new one (opened by the pool's thread), else the
+    /// next one handed back. Dropping it hands it back.
+    fn checkout(&self) -> Result<Pooled> {
+        if let Some(c) = self.pool.try_get() {
+            return Ok(c);
+        }
+        self.pool.get().map_err(|e| match e.to_string() {
+            // The pool keeps the last connect error as the message.
+            m if m.contains("PostgreSQL") => {
+                Error::Storage { message: m.replace("timed out waiting for connection: ", "") }
             }
-        }
-        let client = connect(&self.client_cfg, &self.cfg)?;
-        Ok(Conn { client, schema: self.cfg.schema.clone(), stmts: HashMap::new() })
-    }
-
-    fn checkin(&self, c: Conn) {
-        if c.client.is_closed() {
-            return;
-        }
-        let mut pool = self.pool.lock();
-        if pool.len() < 16 {
-            pool.push(c);
-        }
+            m => Error::Storage {
+                message: format!("no PostgreSQL connection to {} within 5 s ({m})", redact(&self.cfg.url)),
+            },
+        })
     }
 
     fn own(&self) -> i32 {
@@ -376,22 +429,22 @@ impl Shared {
             match body {
                 Ok(r) => {
                     return match conn.client.batch_execute("COMMIT") {
-                        Ok(()) => {
-                            self.checkin(conn);
-                            Ok(r)
+                        Ok(()) => Ok(r),
+                        Err(e) => {
+                            discard(conn);
+                            Err(pg_error(&e))
                         }
-                        Err(e) => Err(pg_error(&e)),
                     }
                 }
                 Err(TxError::Pg(e)) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
-                    if !conn.client.is_closed() && conn.client.batch_execute("ROLLBACK").is_ok() {
-                        self.checkin(conn);
+                    if conn.client.is_closed() || conn.client.batch_execute("ROLLBACK").is_err() {
+                        discard(conn);
                     }
                     backoff(&mut attempt);
                 }
                 Err(err) => {
-                    if !conn.client.is_closed() && conn.client.batch_execute("ROLLBACK").is_ok() {
-                        self.checkin(conn);
+                    if conn.client.is_closed() || conn.client.batch_execute("ROLLBACK").is_err() {
+                        discard(conn);
                     }
                     return Err(match err {
                         TxError::Pg(e) => pg_error(&e),
@@ -450,13 +503,12 @@ impl Shared {
                 Err(e) => return Err(e),
             };
             match f(&mut conn) {
-                Ok(r) => {
-                    self.checkin(conn);
-                    return Ok(r);
+                Ok(r) => return Ok(r),
+                Err(TxError::Pg(e)) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
+                    discard(conn);
+                    backoff(&mut attempt);
                 }
-                Err(TxError::Pg(e)) if retryable(&e) && started.elapsed() < RECONNECT_FOR => backoff(&mut attempt),
                 Err(e) => {
-                    self.checkin(conn);
                     return Err(match e {
                         TxError::Pg(e) => pg_error(&e),
                         TxError::Engine(e) => e,
@@ -1429,11 +1481,10 @@ impl Backend for PgStore {
         } else {
             conn.client.batch_execute("ROLLBACK").map_err(|e| pg_error(&e))
         };
-        if res.is_ok() {
-            s.checkin(conn);
-            if commit {
-                s.hub.notify();
-            }
+        match &res {
+            Ok(()) if commit => s.hub.notify(),
+            Ok(()) => {}
+            Err(_) => discard(conn),
         }
         res
     }
@@ -1515,14 +1566,14 @@ fn cycle_fast(
     ];
     let rows = match conn.query(CYCLE_FAST, &params) {
         Ok(rows) => {
-            s.checkin(conn);
+            drop(conn);
             rows
         }
         Err(e) => {
             if !claim_tokens.is_empty() {
                 s.in_doubt.lock().extend(claim_tokens);
             }
-            s.checkin(conn);
+            drop(conn);
             // A lost connection or a conflict: the full path retries with backoff (and hands
             // back what may have committed). Anything else is a fault worth reporting.
             return if retryable(&e) { Ok(Fast::NotApplicable) } else { Err(pg_error(&e)) };
@@ -1672,12 +1723,10 @@ fn enqueue_single(s: &Shared, t: &NewTask) -> Result<TaskId> {
         };
         if in_doubt {
             match conn.opt("SELECT id FROM @.tasks WHERE token = $1", &[&a.token]) {
-                Ok(Some(r)) => {
-                    s.checkin(conn);
-                    return Ok(r.get(0));
-                }
+                Ok(Some(r)) => return Ok(r.get(0)),
                 Ok(None) => {}
                 Err(e) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
+                    discard(conn);
                     backoff(&mut attempt);
                     continue;
                 }
@@ -1701,18 +1750,13 @@ fn enqueue_single(s: &Shared, t: &NewTask) -> Result<TaskId> {
             &own,
         ];
         match conn.one(SQL, &params) {
-            Ok(r) => {
-                s.checkin(conn);
-                return Ok(r.get(0));
-            }
+            Ok(r) => return Ok(r.get(0)),
             Err(e) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
                 in_doubt = true;
+                discard(conn);
                 backoff(&mut attempt);
             }
-            Err(e) => {
-                s.checkin(conn);
-                return Err(pg_error(&e));
-            }
+            Err(e) => return Err(pg_error(&e)),
         }
     }
 }
