@@ -88,6 +88,43 @@ fn concurrent_first_opens_migrate_once() {
 }
 
 #[test]
+fn a_version_1_schema_is_migrated_to_the_one_statement_cycle() {
+    let Some(url) = pg_url() else { return };
+    let schema = PgSchema { url, schema: pg_schema_name() };
+    let cfg = Config::parse(&schema.store_url()).unwrap();
+    drop(Store::open(&cfg).unwrap());
+    // What version 1 left: no cycle function.
+    schema
+        .client()
+        .batch_execute("DROP FUNCTION cycle_fast; UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        .unwrap();
+    let store = Store::open(&cfg).unwrap();
+    let mut c = schema.client();
+    let version: String = c.query_one("SELECT value FROM meta WHERE key = 'schema_version'", &[]).unwrap().get(0);
+    assert_eq!(version, "2");
+    let functions: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = $1 AND p.proname = 'cycle_fast'",
+            &[&schema.schema],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(functions, 1);
+    let ids: Vec<TaskId> = (0..6).map(|i| store.enqueue(py(&format!("t{i}"))).unwrap().id).collect();
+    let d = dispatcher(&store, Runtime::Python);
+    let w = d.worker();
+    for _ in &ids {
+        let got = claim(&w);
+        w.complete(&got, Outcome::Success("1".into())).unwrap();
+    }
+    for id in ids {
+        assert_eq!(store.task(id).unwrap().state, State::Successful);
+    }
+    drop(d);
+}
+
+#[test]
 fn the_schema_itself_refuses_a_second_running_task_in_a_queue_on_postgres() {
     let Some(db) = pg() else { return };
     let a = db.store.enqueue(py("a").queue("q")).unwrap().id;
@@ -217,6 +254,7 @@ fn child_entry() {
     let store = Store::open(&Config::parse(&spec).unwrap()).unwrap_or_else(|e| panic!("child {role}: open: {e}"));
     match role.as_str() {
         "hammer" => child_hammer(&store, &dir, &arg),
+        "fork" => child_forks(&store, &spec),
         other => panic!("unknown child role {other:?}"),
     }
 }
@@ -253,6 +291,110 @@ fn child_hammer(store: &Store, dir: &Path, arg: &str) {
         }
     });
     d.shutdown(Duration::from_secs(5)).unwrap();
+}
+
+/// Forks while a dispatcher and an enqueuer are busy (the preload-and-fork pattern): each child
+/// uses the inherited Store (on connections of its own) and exits; the parent's connections are
+/// never closed by a child (its backends all outlive the children) and it keeps working.
+fn child_forks(store: &Store, spec: &str) {
+    let backends = |c: &mut postgres::Client| -> HashSet<i32> {
+        c.query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'qd_fork_test' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let url = spec.split("?").next().unwrap().to_string();
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let d = dispatcher(store, Runtime::Python);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    /// Stops the busy threads even when an assertion fails, so the failure is reported.
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|s| {
+        let _stop_guard = StopOnDrop(&stop);
+        for _ in 0..2 {
+            let (w, stop) = (d.worker(), &stop);
+            s.spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(Some(c)) = w.claim(Some(Duration::from_millis(20))) {
+                        let _ = w.complete(&c, Outcome::Success("null".into()));
+                    }
+                }
+            });
+        }
+        let stop_ref = &stop;
+        s.spawn(move || {
+            while !stop_ref.load(std::sync::atomic::Ordering::Relaxed) {
+                store.enqueue(py("busy")).unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let before = backends(&mut admin);
+        assert!(before.len() >= 3, "the parent holds connections before forking: {before:?}");
+        for round in 0..10 {
+            fork::prepare();
+            // SAFETY: the child only makes engine calls and leaves with _exit.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                fork::after_in_child();
+                let code = match store.enqueue(py("from_child")) {
+                    Ok(e) if store.task(e.id).is_ok() => 0,
+                    _ => 2,
+                };
+                unsafe { libc::_exit(code) };
+            }
+            fork::after_in_parent();
+            assert!(pid > 0, "fork failed");
+            let (mut status, deadline) = (0, Instant::now() + Duration::from_secs(20));
+            // SAFETY: waiting on our own child.
+            while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
+                if Instant::now() > deadline {
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    panic!("round {round}: child {pid} hung after fork");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "round {round}: status {status}");
+            store.enqueue(py("parent_after_fork")).expect("the parent's store still works");
+        }
+        let after = backends(&mut admin);
+        assert!(before.is_subset(&after), "a child closed the parent's connections: {before:?} -> {after:?}");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let from_children =
+        store.list(&TaskFilter::default()).unwrap().iter().filter(|t| t.target.ends_with("from_child")).count();
+    assert_eq!(from_children, 10);
+    drop(d);
+}
+
+#[test]
+fn forked_children_use_their_own_connections_and_never_close_the_parents() {
+    let Some(db) = pg() else { return };
+    let dir = db.dir.path();
+    let url =
+        std::path::PathBuf::from(format!("{}&application_name=qd_fork_test", db.pg.as_ref().unwrap().store_url()));
+    let mut child = spawn_child_process("fork", &url, dir, "", &dir.join("fork.out"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the forking process hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = std::fs::read_to_string(dir.join("fork.out")).unwrap_or_default();
+    assert!(status.success(), "fork child failed:\n{out}");
 }
 
 #[test]

@@ -12,6 +12,11 @@
 //! others shared (`@.wake`), and notify when one is held. A waiter that arrives while a writer
 //! holds the slots shared blocks until that commit is visible, then looks for work: no wake-up is
 //! ever lost between "nothing to do" and "waiting".
+//!
+//! Connections: an r2d2 pool per process and database (at most `POOL_SIZE`, opened on demand,
+//! never tested on checkout: a lost connection fails the transaction, which is retried on another).
+//! Each keeps its own prepared statements. A forked child never uses or drops its parent's pool:
+//! it opens its own, and the inherited one is leaked (closing it would close the parent's sockets).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -188,6 +193,45 @@ pub(super) struct Conn {
     client: Client,
     schema: String,
     stmts: HashMap<&'static str, Statement>,
+    /// Its state is unknown (an error left it mid-transaction): the pool closes it.
+    broken: bool,
+}
+
+/// Opens pooled connections (r2d2 calls it from its own threads) and tells it which are broken.
+struct Manager {
+    client_cfg: postgres::Config,
+    cfg: PostgresConfig,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = Error;
+
+    fn connect(&self) -> Result<Conn> {
+        let client = connect(&self.client_cfg, &self.cfg)?;
+        Ok(Conn { client, schema: self.cfg.schema.clone(), stmts: HashMap::new(), broken: false })
+    }
+
+    /// Only called when checked out connections are tested, which this pool does not do: a
+    /// lost connection shows up as a retryable error of the transaction, which is retried.
+    fn is_valid(&self, conn: &mut Conn) -> Result<()> {
+        conn.client.simple_query("").map(|_| ()).map_err(|e| pg_error(&e))
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.broken || conn.client.is_closed()
+    }
+}
+
+/// Connections per process and database, at most (busy and idle together); a thread that finds
+/// all busy waits for one.
+const POOL_SIZE: u32 = 32;
+
+type Pooled = r2d2::PooledConnection<Manager>;
+
+/// Hands a connection back to the pool for closing rather than reuse.
+fn discard(mut conn: Pooled) {
+    conn.broken = true;
 }
 
 type PgResult<T> = std::result::Result<T, postgres::Error>;
@@ -244,7 +288,7 @@ impl From<Error> for TxError {
 type TxResult<T> = std::result::Result<T, TxError>;
 
 struct BatchConn {
-    conn: Conn,
+    conn: Pooled,
     depth: u32,
 }
 
@@ -255,7 +299,9 @@ struct Shared {
     client_cfg: postgres::Config,
     channel: String,
     lock_key: i32,
-    pool: Mutex<Vec<Conn>>,
+    /// Not shared with a forked child: a child builds its own Shared and leaks the inherited one
+    /// (PgStore::s), so it never closes its parent's connections.
+    pool: r2d2::Pool<Manager>,
     batches: Mutex<HashMap<ThreadId, BatchConn>>,
     hub: Arc<Hub>,
     /// The wake slot this process's listener holds (-1: none); our own writers skip it.
@@ -302,13 +348,23 @@ impl Shared {
         let channel = format!("qd_{}", cfg.schema);
         let mut client = connect(&client_cfg, cfg)?;
         schema::migrate(&mut client, &cfg.schema, &channel, &cfg.describe())?;
+        drop(client);
+        let pool = r2d2::Pool::builder()
+            .max_size(POOL_SIZE)
+            // Opened on demand, not POOL_SIZE at once.
+            .min_idle(Some(0))
+            .test_on_check_out(false)
+            .idle_timeout(Some(Duration::from_secs(60)))
+            .connection_timeout(Duration::from_secs(5))
+            .error_handler(Box::new(r2d2::NopErrorHandler))
+            .build_unchecked(Manager { client_cfg: client_cfg.clone(), cfg: cfg.clone() });
         let shared = Arc::new(Shared {
             pid: std::process::id(),
             cfg: cfg.clone(),
             client_cfg,
             channel,
             lock_key: schema::lock_key(&cfg.schema),
-            pool: Mutex::new(vec![Conn { client, schema: cfg.schema.clone(), stmts: HashMap::new() }]),
+            pool,
             batches: Mutex::new(HashMap::new()),
             hub: Arc::new(Hub::default()),
             own_slot: Arc::new(AtomicI32::new(-1)),
@@ -321,24 +377,21 @@ impl Shared {
         Ok(shared)
     }
 
-    fn checkout(&self) -> Result<Conn> {
-        if let Some(c) = self.pool.lock().pop() {
-            if !c.client.is_closed() {
-                return Ok(c);
+    /// A pooled connection: an idle one, else a new one (opened by the pool's thread), else the
+    /// next one handed back. Dropping it hands it back.
+    fn checkout(&self) -> Result<Pooled> {
+        if let Some(c) = self.pool.try_get() {
+            return Ok(c);
+        }
+        self.pool.get().map_err(|e| match e.to_string() {
+            // The pool keeps the last connect error as the message.
+            m if m.contains("PostgreSQL") => {
+                Error::Storage { message: m.replace("timed out waiting for connection: ", "") }
             }
-        }
-        let client = connect(&self.client_cfg, &self.cfg)?;
-        Ok(Conn { client, schema: self.cfg.schema.clone(), stmts: HashMap::new() })
-    }
-
-    fn checkin(&self, c: Conn) {
-        if c.client.is_closed() {
-            return;
-        }
-        let mut pool = self.pool.lock();
-        if pool.len() < 16 {
-            pool.push(c);
-        }
+            m => Error::Storage {
+                message: format!("no PostgreSQL connection to {} within 5 s ({m})", redact(&self.cfg.url)),
+            },
+        })
     }
 
     fn own(&self) -> i32 {
@@ -376,22 +429,22 @@ impl Shared {
             match body {
                 Ok(r) => {
                     return match conn.client.batch_execute("COMMIT") {
-                        Ok(()) => {
-                            self.checkin(conn);
-                            Ok(r)
+                        Ok(()) => Ok(r),
+                        Err(e) => {
+                            discard(conn);
+                            Err(pg_error(&e))
                         }
-                        Err(e) => Err(pg_error(&e)),
                     }
                 }
                 Err(TxError::Pg(e)) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
-                    if !conn.client.is_closed() && conn.client.batch_execute("ROLLBACK").is_ok() {
-                        self.checkin(conn);
+                    if conn.client.is_closed() || conn.client.batch_execute("ROLLBACK").is_err() {
+                        discard(conn);
                     }
                     backoff(&mut attempt);
                 }
                 Err(err) => {
-                    if !conn.client.is_closed() && conn.client.batch_execute("ROLLBACK").is_ok() {
-                        self.checkin(conn);
+                    if conn.client.is_closed() || conn.client.batch_execute("ROLLBACK").is_err() {
+                        discard(conn);
                     }
                     return Err(match err {
                         TxError::Pg(e) => pg_error(&e),
@@ -450,13 +503,12 @@ impl Shared {
                 Err(e) => return Err(e),
             };
             match f(&mut conn) {
-                Ok(r) => {
-                    self.checkin(conn);
-                    return Ok(r);
+                Ok(r) => return Ok(r),
+                Err(TxError::Pg(e)) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
+                    discard(conn);
+                    backoff(&mut attempt);
                 }
-                Err(TxError::Pg(e)) if retryable(&e) && started.elapsed() < RECONNECT_FOR => backoff(&mut attempt),
                 Err(e) => {
-                    self.checkin(conn);
                     return Err(match e {
                         TxError::Pg(e) => pg_error(&e),
                         TxError::Engine(e) => e,
@@ -1347,70 +1399,43 @@ impl Backend for PgStore {
         retry: &RetryPolicy,
     ) -> Result<CycleOut> {
         let s = self.s()?;
-        let doubt: Vec<i64> = s.in_doubt.lock().clone();
-        let wake = !settles.is_empty();
-        let mut claimed_tokens: Vec<i64> = Vec::new();
-        let res = s.tx(false, |c| {
-            if !doubt.is_empty() {
-                // Claims whose commit reply was lost: hand back any that did commit.
-                c.exec(
-                    "UPDATE @.tasks SET state = 'new', attempts = greatest(attempts - 1, 0), token = NULL, cancel = 0
-                      WHERE token = ANY($1) AND state = 'running'",
-                    &[&doubt],
-                )?;
-            }
-            let mut settled = Vec::with_capacity(settles.len());
-            for st in settles {
-                settled.push(settle(c, st, retry)?);
-            }
-            for p in progress {
-                c.exec(
-                    "UPDATE @.tasks SET message = coalesce($3, message), perc_finished = coalesce($4, perc_finished)
-                      WHERE id = $1 AND token = $2 AND state = 'running'",
-                    &[&p.id, &p.token, &p.progress.message, &p.progress.perc],
-                )?;
-            }
-            let claimed = match &claim_req {
-                Some(req) if req.want > 0 => claim(c, req)?,
-                _ => Vec::new(),
-            };
-            claimed_tokens = claimed
-                .iter()
-                .filter_map(|r| match r {
-                    ClaimedRow::Run { token, .. } => Some(*token),
-                    ClaimedRow::OnError { .. } => None,
-                })
-                .collect();
-            let full = claim_req.as_ref().is_some_and(|r| claimed.len() >= r.want);
-            let own = s.own();
-            let next_due: Option<i64> = if full && !wake {
-                None
-            } else {
-                c.one(
-                    "SELECT (SELECT min(run_at) FROM @.tasks WHERE state = 'new' AND run_at > @.now_us()),
-                            CASE WHEN $2 THEN @.wake($1) END IS NULL",
-                    &[&own, &wake],
-                )?
-                .get(0)
-            };
-            Ok(CycleOut { settled, claimed, next_due })
-        });
-        match res {
-            Ok(out) => {
-                if !doubt.is_empty() {
-                    s.in_doubt.lock().retain(|t| !doubt.contains(t));
+        match cycle_fast(&s, settles, progress, claim_req.as_ref())? {
+            Fast::Done(out) => Ok(out),
+            Fast::NotApplicable => cycle_slow(&s, settles, progress, claim_req, retry),
+            Fast::Partly { mut out, leftover, claim_owed } => {
+                let rest: Vec<SettleReq> = leftover
+                    .iter()
+                    .map(|&i| SettleReq {
+                        id: settles[i].id,
+                        token: settles[i].token,
+                        settle: match &settles[i].settle {
+                            Settle::Outcome(o) => Settle::Outcome(o.clone()),
+                            Settle::Release => Settle::Release,
+                        },
+                        progress: None,
+                    })
+                    .collect();
+                let claim_req = if claim_owed { claim_req } else { None };
+                match cycle_slow(&s, &rest, &[], claim_req, retry) {
+                    Ok(slow) => {
+                        for (i, settled) in leftover.into_iter().zip(slow.settled) {
+                            out.settled[i] = settled;
+                        }
+                        out.claimed.extend(slow.claimed);
+                        out.next_due = slow.next_due.or(out.next_due);
+                        Ok(out)
+                    }
+                    Err(e) => {
+                        // The caller takes this cycle as not written: the claims the fast
+                        // statement committed are handed back at the next cycle, and the
+                        // outcomes it stored are acknowledged then (found under their tokens).
+                        s.in_doubt.lock().extend(out.claimed.iter().filter_map(|r| match r {
+                            ClaimedRow::Run { token, .. } => Some(*token),
+                            ClaimedRow::OnError { .. } => None,
+                        }));
+                        Err(e)
+                    }
                 }
-                if wake || out.claimed.iter().any(|r| matches!(r, ClaimedRow::OnError { .. })) {
-                    s.hub.notify();
-                }
-                Ok(out)
-            }
-            Err(e) => {
-                // A COMMIT that failed may still have committed: remember its claims' tokens.
-                if !claimed_tokens.is_empty() {
-                    s.in_doubt.lock().extend(claimed_tokens);
-                }
-                Err(e)
             }
         }
     }
@@ -1430,7 +1455,6 @@ impl Backend for PgStore {
         s.batches.lock().insert(me, BatchConn { conn, depth: 1 });
         Ok(())
     }
-
     fn end_batch(&self, commit: bool) -> Result<()> {
         let s = self.s()?;
         let me = std::thread::current().id();
@@ -1457,13 +1481,223 @@ impl Backend for PgStore {
         } else {
             conn.client.batch_execute("ROLLBACK").map_err(|e| pg_error(&e))
         };
-        if res.is_ok() {
-            s.checkin(conn);
-            if commit {
-                s.hub.notify();
-            }
+        match &res {
+            Ok(()) if commit => s.hub.notify(),
+            Ok(()) => {}
+            Err(_) => discard(conn),
         }
         res
+    }
+}
+
+/// What the one-statement cycle did.
+enum Fast {
+    /// Not the common case (or the statement failed): the full path does everything.
+    NotApplicable,
+    Done(CycleOut),
+    /// Committed, but these settles (indexes) were not stored (stale token, cancel pending), and
+    /// maybe handovers are owed before claiming: the full path finishes the cycle.
+    Partly {
+        out: CycleOut,
+        leftover: Vec<usize>,
+        claim_owed: bool,
+    },
+}
+
+const CYCLE_FAST: &str = "SELECT * FROM @.cycle_fast($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
+/// The common cycle (plain successes, then claims) in one autocommit statement: see
+/// `@.cycle_fast` in postgres_schema.rs. Each claim's token is chosen here, before the statement
+/// is sent: if the connection is lost with its outcome unknown, the tokens go in doubt (claims
+/// that did commit are handed back by the full path, which runs next, in the same cycle), and an
+/// outcome that was stored is found under its token and acknowledged as stored.
+fn cycle_fast(
+    s: &Shared,
+    settles: &[SettleReq],
+    progress: &[ProgressReq],
+    claim_req: Option<&ClaimReq<'_>>,
+) -> Result<Fast> {
+    if !progress.is_empty() || !s.in_doubt.lock().is_empty() {
+        return Ok(Fast::NotApplicable);
+    }
+    if s.batches.lock().contains_key(&std::thread::current().id()) {
+        return Ok(Fast::NotApplicable);
+    }
+    let (mut ids, mut tokens, mut results) = (Vec::new(), Vec::new(), Vec::new());
+    for st in settles {
+        let (Settle::Outcome(Outcome::Success(json)), None) = (&st.settle, &st.progress) else {
+            return Ok(Fast::NotApplicable);
+        };
+        ids.push(st.id);
+        tokens.push(st.token);
+        results.push(if serde_json::from_str::<serde_json::Value>(json).is_ok() {
+            json.clone()
+        } else {
+            serde_json::Value::String(json.clone()).to_string()
+        });
+    }
+    let want = claim_req.map_or(0, |r| r.want);
+    if settles.is_empty() && want == 0 {
+        return Ok(Fast::NotApplicable);
+    }
+    let claim_tokens: Vec<i64> = (0..want).map(|_| fastrand::i64(1..i64::MAX)).collect();
+    let (rt, dispatcher, parallel, named) = match claim_req {
+        Some(r) => (r.runtime.as_str(), r.dispatcher, r.selection.parallel, r.selection.named.clone()),
+        None => ("python", 0, false, None),
+    };
+    let any_named = named.as_ref().is_none_or(|n| !n.is_empty());
+    let wake = !settles.is_empty();
+    let Ok(mut conn) = s.checkout() else { return Ok(Fast::NotApplicable) };
+    let own = s.own();
+    let want_i32 = want as i32;
+    let params: [&(dyn ToSql + Sync); 12] = [
+        &ids,
+        &tokens,
+        &results,
+        &rt,
+        &dispatcher,
+        &want_i32,
+        &parallel,
+        &any_named,
+        &named,
+        &claim_tokens,
+        &own,
+        &wake,
+    ];
+    let rows = match conn.query(CYCLE_FAST, &params) {
+        Ok(rows) => {
+            drop(conn);
+            rows
+        }
+        Err(e) => {
+            if !claim_tokens.is_empty() {
+                s.in_doubt.lock().extend(claim_tokens);
+            }
+            drop(conn);
+            // A lost connection or a conflict: the full path retries with backoff (and hands
+            // back what may have committed). Anything else is a fault worth reporting.
+            return if retryable(&e) { Ok(Fast::NotApplicable) } else { Err(pg_error(&e)) };
+        }
+    };
+    let mut claimed: Vec<(i64, TaskId, ClaimedRow)> = Vec::with_capacity(want);
+    let (mut stored, mut next_due, mut owed) = (Vec::new(), None, false);
+    for r in &rows {
+        if r.get::<_, Option<i64>>(0).is_none() {
+            stored = r.get::<_, Vec<i64>>(26);
+            next_due = r.get(27);
+            owed = r.get(28);
+            continue;
+        }
+        let task = match task_from_row(r) {
+            Ok(t) => t,
+            Err(e) => {
+                // Committed, but unreadable: hand the claims back at the next cycle.
+                s.in_doubt.lock().extend(claim_tokens);
+                return Err(e);
+            }
+        };
+        let token: i64 = r.get(25);
+        claimed.push((task.priority, task.id, ClaimedRow::Run { task, token }));
+    }
+    claimed.sort_by_key(|(p, id, _)| (*p, *id));
+    let mut leftover = Vec::new();
+    let settled: Vec<Result<Settled>> = settles
+        .iter()
+        .enumerate()
+        .map(|(i, st)| {
+            if stored.contains(&st.id) {
+                Ok(Settled::Successful)
+            } else {
+                leftover.push(i);
+                Err(Error::StaleToken { task: st.id })
+            }
+        })
+        .collect();
+    if wake {
+        s.hub.notify();
+    }
+    let out = CycleOut { settled, claimed: claimed.into_iter().map(|(_, _, r)| r).collect(), next_due };
+    let claim_owed = owed && want > 0;
+    if leftover.is_empty() && !claim_owed {
+        Ok(Fast::Done(out))
+    } else {
+        Ok(Fast::Partly { out, leftover, claim_owed })
+    }
+}
+
+/// The full cycle: any settles, progress and claims, in one transaction of several statements.
+fn cycle_slow(
+    s: &Shared,
+    settles: &[SettleReq],
+    progress: &[ProgressReq],
+    claim_req: Option<ClaimReq<'_>>,
+    retry: &RetryPolicy,
+) -> Result<CycleOut> {
+    let doubt: Vec<i64> = s.in_doubt.lock().clone();
+    let wake = !settles.is_empty();
+    let mut claimed_tokens: Vec<i64> = Vec::new();
+    let res = s.tx(false, |c| {
+        if !doubt.is_empty() {
+            // Claims whose commit reply was lost: hand back any that did commit.
+            c.exec(
+                "UPDATE @.tasks SET state = 'new', attempts = greatest(attempts - 1, 0), token = NULL, cancel = 0
+                  WHERE token = ANY($1) AND state = 'running'",
+                &[&doubt],
+            )?;
+        }
+        let mut settled = Vec::with_capacity(settles.len());
+        for st in settles {
+            settled.push(settle(c, st, retry)?);
+        }
+        for p in progress {
+            c.exec(
+                "UPDATE @.tasks SET message = coalesce($3, message), perc_finished = coalesce($4, perc_finished)
+                  WHERE id = $1 AND token = $2 AND state = 'running'",
+                &[&p.id, &p.token, &p.progress.message, &p.progress.perc],
+            )?;
+        }
+        let claimed = match &claim_req {
+            Some(req) if req.want > 0 => claim(c, req)?,
+            _ => Vec::new(),
+        };
+        claimed_tokens = claimed
+            .iter()
+            .filter_map(|r| match r {
+                ClaimedRow::Run { token, .. } => Some(*token),
+                ClaimedRow::OnError { .. } => None,
+            })
+            .collect();
+        let full = claim_req.as_ref().is_some_and(|r| claimed.len() >= r.want);
+        let own = s.own();
+        let next_due: Option<i64> = if full && !wake {
+            None
+        } else {
+            c.one(
+                "SELECT (SELECT min(run_at) FROM @.tasks WHERE state = 'new' AND run_at > @.now_us()),
+                        CASE WHEN $2 THEN @.wake($1) END IS NULL",
+                &[&own, &wake],
+            )?
+            .get(0)
+        };
+        Ok(CycleOut { settled, claimed, next_due })
+    });
+    match res {
+        Ok(out) => {
+            if !doubt.is_empty() {
+                s.in_doubt.lock().retain(|t| !doubt.contains(t));
+            }
+            if wake || out.claimed.iter().any(|r| matches!(r, ClaimedRow::OnError { .. })) {
+                s.hub.notify();
+            }
+            Ok(out)
+        }
+        Err(e) => {
+            // A COMMIT that failed may still have committed: remember its claims' tokens.
+            if !claimed_tokens.is_empty() {
+                s.in_doubt.lock().extend(claimed_tokens);
+            }
+            Err(e)
+        }
     }
 }
 
@@ -1489,12 +1723,10 @@ fn enqueue_single(s: &Shared, t: &NewTask) -> Result<TaskId> {
         };
         if in_doubt {
             match conn.opt("SELECT id FROM @.tasks WHERE token = $1", &[&a.token]) {
-                Ok(Some(r)) => {
-                    s.checkin(conn);
-                    return Ok(r.get(0));
-                }
+                Ok(Some(r)) => return Ok(r.get(0)),
                 Ok(None) => {}
                 Err(e) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
+                    discard(conn);
                     backoff(&mut attempt);
                     continue;
                 }
@@ -1518,18 +1750,13 @@ fn enqueue_single(s: &Shared, t: &NewTask) -> Result<TaskId> {
             &own,
         ];
         match conn.one(SQL, &params) {
-            Ok(r) => {
-                s.checkin(conn);
-                return Ok(r.get(0));
-            }
+            Ok(r) => return Ok(r.get(0)),
             Err(e) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
                 in_doubt = true;
+                discard(conn);
                 backoff(&mut attempt);
             }
-            Err(e) => {
-                s.checkin(conn);
-                return Err(pg_error(&e));
-            }
+            Err(e) => return Err(pg_error(&e)),
         }
     }
 }
