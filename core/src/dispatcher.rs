@@ -547,8 +547,8 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
     let mut retry_at: Option<Instant> = None;
     let mut stop = false;
     let mut stop_claiming = false;
-    // How many claims the last cycle delivered, and when.
-    let mut delivered = (0usize, Instant::now());
+    // The tasks the last cycle handed out to run, and when.
+    let mut delivered: (Vec<TaskId>, Instant) = (Vec::new(), Instant::now());
 
     let handle = |req: Request,
                   parked: &mut Vec<Arc<Slot>>,
@@ -608,11 +608,14 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
             progress.values().filter(|p| p.dirty).map(|p| p.last_write.map_or(now, |t| t + PROGRESS_INTERVAL)).min();
         let wake_at = [next_due, next_progress, retry_at].into_iter().flatten().min();
         // Claims just handed out come back within microseconds when tasks are short. Until the
-        // last cycle's outcomes are all in, or COALESCE_WINDOW has passed since it delivered
-        // them, poll instead of sleeping: one transaction then carries them all, and the writer
-        // is not woken from sleep for each (which costs more than the wait).
-        // It yields the CPU while polling: on a busy machine the workers it waits for may need it.
-        while settles.len() < delivered.0 && delivered.1.elapsed() < COALESCE_WINDOW {
+        // outcomes of the tasks the last cycle handed out are all in, or COALESCE_WINDOW has
+        // passed since, poll instead of sleeping (yielding the CPU, which on a busy machine the
+        // workers may need): one transaction then carries them all, and the writer is not woken
+        // from sleep for each. Those tasks' outcomes, not a count: with cycles slower than the
+        // tasks, another worker's outcome is often already waiting when one cycle ends.
+        while delivered.1.elapsed() < COALESCE_WINDOW
+            && delivered.0.iter().any(|id| !settles.iter().any(|(s, _)| s.id == *id))
+        {
             match rx.try_recv() {
                 Ok(req) => handle(req, &mut parked, &mut settles, &mut progress, &mut stop, &mut stop_claiming),
                 Err(_) => std::thread::yield_now(),
@@ -705,7 +708,12 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
                     let _ = reply.send(settled);
                 }
                 let got = out.claimed.len();
-                delivered = (got, Instant::now());
+                delivered.0.clear();
+                delivered.0.extend(out.claimed.iter().filter_map(|row| match row {
+                    ClaimedRow::Run { task, .. } => Some(task.id),
+                    ClaimedRow::OnError { .. } => None,
+                }));
+                delivered.1 = Instant::now();
                 let mut rows = out.claimed.into_iter();
                 for slot in &claiming {
                     match rows.next() {
