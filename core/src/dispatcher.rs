@@ -613,15 +613,20 @@ fn writer_loop(inner: Arc<Inner>, rx: Receiver<Request>, changes: Receiver<()>) 
         // workers may need): one transaction then carries them all, and the writer is not woken
         // from sleep for each. Those tasks' outcomes, not a count: with cycles slower than the
         // tasks, another worker's outcome is often already waiting when one cycle ends.
+        let mut polled = false;
         while delivered.1.elapsed() < COALESCE_WINDOW
             && delivered.0.iter().any(|id| !settles.iter().any(|(s, _)| s.id == *id))
         {
             match rx.try_recv() {
-                Ok(req) => handle(req, &mut parked, &mut settles, &mut progress, &mut stop, &mut stop_claiming),
+                Ok(req) => {
+                    polled = true;
+                    handle(req, &mut parked, &mut settles, &mut progress, &mut stop, &mut stop_claiming)
+                }
                 Err(_) => std::thread::yield_now(),
             }
         }
-        let timeout = if settles.is_empty() {
+        // Whatever the polling took in (an outcome, a parked claim, a stop) is work for now.
+        let timeout = if settles.is_empty() && !polled {
             wake_at.map_or(Duration::from_secs(5), |t| t.saturating_duration_since(now))
         } else {
             Duration::ZERO

@@ -202,7 +202,11 @@ fn parallel_tasks_run_concurrently_across_threads() {
         }
         let d = dispatcher(s, Runtime::Python);
         let workers: Vec<Worker> = (0..8).map(|_| d.worker()).collect();
-        let held: Vec<Claimed> = workers.iter().map(claim).collect();
+        // Each claim finds a ready task: it must not wait for the writer's idle timeout (5 s).
+        let held: Vec<Claimed> = workers
+            .iter()
+            .map(|w| w.claim(Some(Duration::from_secs(2))).unwrap().expect("a ready task, claimed without delay"))
+            .collect();
         assert_eq!(held.iter().map(|c| c.task.id).collect::<HashSet<_>>().len(), 8);
         for (w, c) in workers.iter().zip(&held) {
             ok(w, c);
