@@ -152,6 +152,12 @@ fn configure(conn: &Connection, config: &Config) -> Result<()> {
     Ok(())
 }
 
+impl super::process_local::OwnedByProcess for Db {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
 impl Db {
     /// The process-wide Db of this file (shared by every Store of this process), opened if needed.
     pub fn get(config: &Config) -> Result<Arc<Db>> {

@@ -9,6 +9,7 @@ pub(crate) mod db_fork {
 }
 mod postgres;
 mod postgres_schema;
+mod process_local;
 pub(crate) mod schema;
 mod sqlite;
 

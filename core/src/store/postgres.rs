@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
@@ -32,6 +32,7 @@ use postgres::types::ToSql;
 use postgres::{Client, NoTls, Row, Statement};
 
 use super::postgres_schema::{self as schema, qualify, WAKE_SLOTS};
+use super::process_local::{OwnedByProcess, ProcessLocal};
 use super::sqlite::{cancel_record, check_json, history_entry, validate};
 use super::{
     Backend, Beat, ClaimReq, ClaimedRow, Config, CycleOut, ProgressReq, Registration, RetryPolicy, Settle, SettleReq,
@@ -293,6 +294,12 @@ struct BatchConn {
 }
 
 /// Everything one process shares for one database and schema.
+impl OwnedByProcess for Shared {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
 struct Shared {
     pid: u32,
     cfg: PostgresConfig,
@@ -647,36 +654,20 @@ fn listen_session(
 
 pub(super) struct PgStore {
     config: PostgresConfig,
-    /// The current Shared, from `Arc::into_raw` (one strong count held). Replaced only in a
-    /// forked child, whose inherited connections are leaked on purpose (never closed).
-    shared: AtomicPtr<Shared>,
+    /// The Shared of this process. In a forked child the inherited connections are leaked on
+    /// purpose (never closed) and new ones are opened.
+    shared: ProcessLocal<Shared>,
 }
 
 impl PgStore {
     pub fn open(config: &Config) -> Result<PgStore> {
         let pc = config.postgres.clone().ok_or_else(|| Error::invalid("database", "not a PostgreSQL URL"))?;
-        let s = Arc::into_raw(Shared::get(&pc)?) as *mut Shared;
-        Ok(PgStore { config: pc, shared: AtomicPtr::new(s) })
+        let shared = ProcessLocal::new(Shared::get(&pc)?);
+        Ok(PgStore { config: pc, shared })
     }
 
     fn s(&self) -> Result<Arc<Shared>> {
-        loop {
-            let ptr = self.shared.load(Ordering::Acquire);
-            // SAFETY: `ptr` came from Arc::into_raw and this store holds its count.
-            let current = unsafe {
-                Arc::increment_strong_count(ptr);
-                Arc::from_raw(ptr)
-            };
-            if current.pid == std::process::id() {
-                return Ok(current);
-            }
-            std::mem::forget(current);
-            let fresh = Arc::into_raw(Shared::get(&self.config)?) as *mut Shared;
-            if self.shared.compare_exchange(ptr, fresh, Ordering::AcqRel, Ordering::Acquire).is_err() {
-                // SAFETY: `fresh` was never published.
-                drop(unsafe { Arc::from_raw(fresh) });
-            }
-        }
+        self.shared.get(|| Shared::get(&self.config))
     }
 
     fn write<R>(&self, wake: bool, f: impl FnMut(&mut Conn) -> TxResult<R>) -> Result<R> {
@@ -691,13 +682,6 @@ impl PgStore {
 
     fn read<R>(&self, f: impl FnMut(&mut Conn) -> TxResult<R>) -> Result<R> {
         self.s()?.read(f)
-    }
-}
-
-impl Drop for PgStore {
-    fn drop(&mut self) {
-        // SAFETY: the store's own count.
-        drop(unsafe { Arc::from_raw(self.shared.load(Ordering::Acquire)) });
     }
 }
 

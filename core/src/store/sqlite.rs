@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use rusqlite::types::{ToSql, Value};
 use rusqlite::{params, Connection, OptionalExtension, Row};
-use std::sync::atomic::{AtomicPtr, Ordering};
 
 use super::db::Db;
+use super::process_local::ProcessLocal;
 use super::{
     Backend, Beat, ClaimReq, ClaimedRow, Config, CycleOut, ProgressReq, Registration, RetryPolicy, Settle, SettleReq,
 };
@@ -497,41 +497,18 @@ fn dispatcher_row(c: &Connection, id: Option<i64>, reg: &Registration, now: i64)
 
 pub(super) struct SqliteStore {
     config: Config,
-    /// The current Db, from `Arc::into_raw`, holding one strong count. No lock: a fork can copy
-    /// a lock held by another thread into the child, where nothing would ever release it.
-    /// A pointer is only ever replaced in a forked child, whose old Db is leaked on purpose, so
-    /// a pointer loaded here stays valid for as long as this store lives.
-    db: AtomicPtr<Db>,
+    /// The Db of this process. After fork the inherited one is abandoned (never closed: that
+    /// would drop the parent's locks) and the file is opened again.
+    db: ProcessLocal<Db>,
 }
 
 impl SqliteStore {
     pub fn open(config: &Config) -> Result<SqliteStore> {
-        let db = Arc::into_raw(Db::get(config)?) as *mut Db;
-        Ok(SqliteStore { config: config.clone(), db: AtomicPtr::new(db) })
+        Ok(SqliteStore { config: config.clone(), db: ProcessLocal::new(Db::get(config)?) })
     }
 
-    /// The Db of this process. After fork the inherited one is abandoned (never closed: that
-    /// would drop the parent's locks) and the file is opened again.
     fn db(&self) -> Result<Arc<Db>> {
-        loop {
-            let ptr = self.db.load(Ordering::Acquire);
-            // SAFETY: `ptr` came from Arc::into_raw and its count is held by this store (see the
-            // field's comment), so it is live; we take one more count for the returned Arc.
-            let current = unsafe {
-                Arc::increment_strong_count(ptr);
-                Arc::from_raw(ptr)
-            };
-            if current.pid == std::process::id() {
-                return Ok(current);
-            }
-            std::mem::forget(current);
-            let fresh = Arc::into_raw(Db::get(&self.config)?) as *mut Db;
-            if self.db.compare_exchange(ptr, fresh, Ordering::AcqRel, Ordering::Acquire).is_err() {
-                // SAFETY: `fresh` was never published; give its count back.
-                drop(unsafe { Arc::from_raw(fresh) });
-            }
-            // The inherited Db (and this store's count on it) is leaked on purpose.
-        }
+        self.db.get(|| Db::get(&self.config))
     }
 
     fn write<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
@@ -540,13 +517,6 @@ impl SqliteStore {
 
     fn read<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
         self.db()?.read(f)
-    }
-}
-
-impl Drop for SqliteStore {
-    fn drop(&mut self) {
-        // SAFETY: the store's own count, taken in open() or db().
-        drop(unsafe { Arc::from_raw(self.db.load(Ordering::Acquire)) });
     }
 }
 
