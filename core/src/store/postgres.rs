@@ -734,6 +734,25 @@ impl InsertArgs {
             token: fastrand::i64(1..i64::MAX),
         }
     }
+
+    /// $1..$12 of the INSERT statements: queue, runtime, target, receiver, args, priority,
+    /// retries, run_at, timeout_ms, unique_key, meta, token.
+    fn params<'a>(&'a self, t: &'a NewTask) -> [&'a (dyn ToSql + Sync); 12] {
+        [
+            &t.queue,
+            &self.runtime,
+            &t.target,
+            &t.receiver,
+            &t.args,
+            &t.priority,
+            &self.retries,
+            &t.run_at,
+            &self.timeout_ms,
+            &t.unique_key,
+            &t.meta,
+            &self.token,
+        ]
+    }
 }
 
 fn enqueue_one(c: &mut Conn, t: &NewTask) -> TxResult<Enqueued> {
@@ -745,20 +764,7 @@ fn enqueue_one(c: &mut Conn, t: &NewTask) -> TxResult<Enqueued> {
     }
     let a = InsertArgs::of(t);
     loop {
-        let params: [&(dyn ToSql + Sync); 12] = [
-            &t.queue,
-            &a.runtime,
-            &t.target,
-            &t.receiver,
-            &t.args,
-            &t.priority,
-            &a.retries,
-            &t.run_at,
-            &a.timeout_ms,
-            &t.unique_key,
-            &t.meta,
-            &a.token,
-        ];
+        let params = a.params(t);
         let id: Option<TaskId> = if t.unique_key.is_some() {
             c.opt(INSERT_UNIQUE, &params)?.map(|r| r.get(0))
         } else {
@@ -1718,21 +1724,8 @@ fn enqueue_single(s: &Shared, t: &NewTask) -> Result<TaskId> {
             }
         }
         let own = s.own();
-        let params: [&(dyn ToSql + Sync); 13] = [
-            &t.queue,
-            &a.runtime,
-            &t.target,
-            &t.receiver,
-            &t.args,
-            &t.priority,
-            &a.retries,
-            &t.run_at,
-            &a.timeout_ms,
-            &t.unique_key,
-            &t.meta,
-            &a.token,
-            &own,
-        ];
+        let mut params = a.params(t).to_vec();
+        params.push(&own);
         match conn.one(SQL, &params) {
             Ok(r) => return Ok(r.get(0)),
             Err(e) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
