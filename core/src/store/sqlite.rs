@@ -4,7 +4,7 @@
 //! token change nothing; one running task per named queue is enforced by a unique index.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use rusqlite::types::{ToSql, Value};
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -261,6 +261,28 @@ fn handovers(c: &Connection, req: &ClaimReq<'_>, now: i64, out: &mut Vec<Claimed
     Ok(())
 }
 
+/// Claim candidates, read whole (no column of `queues` shares a name with one of TASK_COLS).
+/// Built once: claims run in every cycle.
+static PARALLEL_CANDIDATES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {TASK_COLS} FROM tasks
+          WHERE runtime = ?1 AND state = 'new' AND queue IS NULL AND pending_deps = 0
+            AND failed_dep IS NULL AND delayed = 0 AND indexed = 1 AND run_at <= ?2
+          ORDER BY priority, id LIMIT ?3"
+    )
+});
+static QUEUE_HEADS: LazyLock<String> = LazyLock::new(|| queue_heads(""));
+static SELECTED_QUEUE_HEADS: LazyLock<String> =
+    LazyLock::new(|| queue_heads("AND q.name IN (SELECT value FROM json_each(?3))"));
+
+fn queue_heads(filter: &str) -> String {
+    format!(
+        "SELECT {TASK_COLS} FROM queues q JOIN tasks t ON t.id = q.head_id
+          WHERE q.head_runtime = ?1 AND q.head_id IS NOT NULL AND q.paused = 0 {filter}
+          ORDER BY q.head_priority, q.head_id LIMIT ?2"
+    )
+}
+
 /// Claims for `req`; also returns the earliest run_at of a still-delayed task. Statements are
 /// few on purpose (this runs in every cycle of every dispatcher): one probe says what else is
 /// needed, and candidates are read whole, so taking one is a single UPDATE.
@@ -303,33 +325,20 @@ fn claim(c: &Connection, req: &ClaimReq<'_>, now: i64) -> Result<(Vec<ClaimedRow
     // Candidates: ready parallel tasks, and the head of every free named queue.
     let mut candidates: Vec<Task> = Vec::new();
     if req.selection.parallel {
-        let mut stmt = c.prepare_cached(&format!(
-            "SELECT {TASK_COLS} FROM tasks
-              WHERE runtime = ?1 AND state = 'new' AND queue IS NULL AND pending_deps = 0
-                AND failed_dep IS NULL AND delayed = 0 AND indexed = 1 AND run_at <= ?2
-              ORDER BY priority, id LIMIT ?3"
-        ))?;
+        let mut stmt = c.prepare_cached(&PARALLEL_CANDIDATES)?;
         let rows = stmt.query_map(params![rt, now, left], task_from_row)?;
         candidates.extend(rows.collect::<rusqlite::Result<Vec<_>>>()?);
     }
-    let heads = |filter: &str| {
-        format!(
-            "SELECT {cols} FROM queues q JOIN tasks t ON t.id = q.head_id
-              WHERE q.head_runtime = ?1 AND q.head_id IS NOT NULL AND q.paused = 0 {filter}
-              ORDER BY q.head_priority, q.head_id LIMIT ?2",
-            cols = TASK_COLS.split(", ").map(|col| format!("t.{col}")).collect::<Vec<_>>().join(", ")
-        )
-    };
     let named: Vec<Task> = match &req.selection.named {
         _ if !any_heads => Vec::new(),
         None => c
-            .prepare_cached(&heads(""))?
+            .prepare_cached(&QUEUE_HEADS)?
             .query_map(params![rt, left], task_from_row)?
             .collect::<rusqlite::Result<_>>()?,
         Some(names) if names.is_empty() => Vec::new(),
         Some(names) => {
             let list = serde_json::to_string(names).expect("strings serialize");
-            c.prepare_cached(&heads("AND q.name IN (SELECT value FROM json_each(?3))"))?
+            c.prepare_cached(&SELECTED_QUEUE_HEADS)?
                 .query_map(params![rt, left, list], task_from_row)?
                 .collect::<rusqlite::Result<_>>()?
         }
