@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use parking_lot::Mutex;
 use pyo3::prelude::*;
+use queue_dispatcher_core::sync::Mutex;
 use queue_dispatcher_core::{admin, PidFile};
 
 use crate::errors::to_py;

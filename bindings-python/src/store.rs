@@ -5,9 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
+use queue_dispatcher_core::sync::Mutex;
 use queue_dispatcher_core::{
     self as core, admin, Config, DispatcherInfo, ErrorRecord, NewTask, QueueCounts, Runtime, State, Store, Task,
     TaskFilter, TaskId,

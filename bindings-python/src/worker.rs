@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
+use queue_dispatcher_core::sync::{Condvar, Mutex};
 use queue_dispatcher_core::{
     CancelReason, ClaimKind, Claimed, Dispatcher, DispatcherConfig, Error as CoreError, ErrorRecord, Outcome,
     QueueSelection, Runtime, Settled, Worker,

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::sync::{Condvar, Mutex};
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
-use parking_lot::{Condvar, Mutex};
 
 use crate::clock;
 use crate::error::{Error, Result};
@@ -362,7 +362,7 @@ impl Worker {
 
     fn wait_slot(&self, slot: Arc<Slot>, sent: Result<()>, timeout: Option<Duration>) -> Result<Option<Claimed>> {
         let result = sent.and_then(|()| {
-            let deadline = timeout.map(|t| Instant::now() + t);
+            let mut deadline = timeout.map(|t| Instant::now() + t);
             // The writer usually answers within a cycle (tens of microseconds): yield the CPU
             // meanwhile rather than sleep, since waking a sleeping thread costs more than that.
             let spin_until = Instant::now() + WORKER_SPIN;
@@ -388,7 +388,11 @@ impl Worker {
                 };
                 if timed_out {
                     if let SlotState::Claiming { cancel } = &mut *st {
+                        // The writer is claiming for this slot and will finish it (Done, or Gone
+                        // now that it is cancelled): wait for that instead of spinning on the
+                        // lapsed deadline, which also kept the writer off the slot's lock.
                         *cancel = true;
+                        deadline = Some(Instant::now() + Duration::from_millis(50));
                     }
                 }
             }

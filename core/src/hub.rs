@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
+use crate::sync::{Condvar, Mutex};
 use crossbeam_channel::{bounded, Receiver, Sender};
-use parking_lot::{Condvar, Mutex};
 
 use crate::task::{CancelReason, TaskId};
 

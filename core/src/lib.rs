@@ -25,6 +25,7 @@ mod hub;
 pub mod pidfile;
 mod retry;
 mod store;
+pub mod sync;
 pub mod target;
 mod task;
 

@@ -296,6 +296,10 @@ fn child_hammer(store: &Store, dir: &Path, arg: &str) {
 /// Forks while a dispatcher and an enqueuer are busy (the preload-and-fork pattern): each child
 /// uses the inherited Store (on connections of its own) and exits; the parent's connections are
 /// never closed by a child (its backends all outlive the children) and it keeps working.
+/// Enough forks that one lands while a parent thread is inside a lock's slow path (with
+/// parking_lot's global table that hung a child within 20-odd rounds; 100 take about 3 s).
+const FORK_ROUNDS: usize = 100;
+
 fn child_forks(store: &Store, spec: &str) {
     let backends = |c: &mut postgres::Client| -> HashSet<i32> {
         c.query(
@@ -339,7 +343,7 @@ fn child_forks(store: &Store, spec: &str) {
         std::thread::sleep(Duration::from_millis(200));
         let before = backends(&mut admin);
         assert!(before.len() >= 3, "the parent holds connections before forking: {before:?}");
-        for round in 0..10 {
+        for round in 0..FORK_ROUNDS {
             fork::prepare();
             // SAFETY: the child only makes engine calls and leaves with _exit.
             let pid = unsafe { libc::fork() };
@@ -357,6 +361,10 @@ fn child_forks(store: &Store, spec: &str) {
             // SAFETY: waiting on our own child.
             while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
                 if Instant::now() > deadline {
+                    let _ = std::process::Command::new("gdb")
+                        .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt"])
+                        .stdout(std::fs::File::create("/tmp/forkhang.txt").unwrap())
+                        .status();
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                     panic!("round {round}: child {pid} hung after fork");
                 }
@@ -371,7 +379,7 @@ fn child_forks(store: &Store, spec: &str) {
     });
     let from_children =
         store.list(&TaskFilter::default()).unwrap().iter().filter(|t| t.target.ends_with("from_child")).count();
-    assert_eq!(from_children, 10);
+    assert_eq!(from_children, FORK_ROUNDS);
     drop(d);
 }
 

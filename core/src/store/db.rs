@@ -15,13 +15,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use parking_lot::{Condvar, Mutex, ReentrantMutex, RwLock};
 use rusqlite::{Connection, OpenFlags};
 
 use super::schema;
 use super::Config;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
+use crate::sync::{Condvar, Mutex, ReentrantMutex, RwLock};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Synchronous {
@@ -71,8 +71,6 @@ pub(super) struct Db {
 
 /// (pid, file, options) → the Db of that process; entries of other pids are stale after fork.
 type Registry = Vec<(u32, PathBuf, Config, Weak<Db>)>;
-// A std Mutex: its unlock is a plain atomic store plus a futex wake, which is safe in a forked
-// child, where parking_lot's unlock may have to take a global lock a dead thread held.
 static REGISTRY: std::sync::Mutex<Registry> = std::sync::Mutex::new(Vec::new());
 
 fn registry() -> std::sync::MutexGuard<'static, Registry> {
@@ -597,13 +595,20 @@ fn spawn_maintenance(db: &Arc<Db>, stop_rx: Receiver<()>) -> Result<JoinHandle<(
     Ok(handle)
 }
 
-/// Dbs whose locks the forking thread holds between [`prepare_fork`] and the after-fork calls.
-static FORKING: Mutex<Vec<Arc<Db>>> = Mutex::new(Vec::new());
+/// A database the forking thread holds quiet between [`prepare_fork`] and the after-fork calls:
+/// its writer lock (through a forgotten guard) and its quiesce lock, exclusively.
+struct HeldForFork {
+    /// Declared first so it is released before `db` (which keeps the lock alive) is dropped.
+    quiet: std::sync::RwLockWriteGuard<'static, ()>,
+    db: Arc<Db>,
+}
 
 thread_local! {
     /// The registry guard the forking thread holds across fork().
     static REGISTRY_HELD: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Registry>>> =
         const { std::cell::RefCell::new(None) };
+    /// The databases the forking thread holds across fork().
+    static DBS_HELD: std::cell::RefCell<Vec<HeldForFork>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// SQLite's static mutexes, outer ones first (the order SQLite nests them).
@@ -639,12 +644,18 @@ pub fn prepare_fork() {
     let mut held = Vec::new();
     for db in dbs {
         let Some(writer) = db.writer.try_lock_for(wait) else { continue };
-        let Some(quiet) = db.quiesce.try_write_for(wait) else { continue };
-        std::mem::forget(quiet);
+        let quiesce: &RwLock<()> = &db.quiesce;
+        // SAFETY: the guard borrows the RwLock inside `db.quiesce` (an Arc), which HeldForFork
+        // keeps alive and outlives the guard (field order).
+        let quiesce: &'static RwLock<()> = unsafe { &*(quiesce as *const RwLock<()>) };
+        let Some(quiet) = quiesce.try_write_for(wait) else {
+            drop(writer);
+            continue;
+        };
         std::mem::forget(writer);
-        held.push(db);
+        held.push(HeldForFork { quiet, db });
     }
-    *FORKING.lock() = held;
+    DBS_HELD.with(|h| *h.borrow_mut() = held);
     let guard = registry();
     REGISTRY_HELD.with(|h| *h.borrow_mut() = Some(guard));
     for m in sqlite_static_mutexes() {
@@ -664,21 +675,16 @@ fn release_sqlite_and_registry() {
 /// After fork(), in the parent (on the thread that called [`prepare_fork`]).
 pub fn after_fork_in_parent() {
     release_sqlite_and_registry();
-    let held = std::mem::take(&mut *FORKING.lock());
-    for db in held {
-        // SAFETY: prepare_fork took both locks on this thread and forgot the guards.
-        unsafe {
-            db.quiesce.force_unlock_write();
-            db.writer.force_unlock();
-        }
+    for HeldForFork { quiet, db } in DBS_HELD.with(|h| std::mem::take(&mut *h.borrow_mut())) {
+        drop(quiet);
+        // SAFETY: prepare_fork took the writer lock on this thread and forgot the guard.
+        unsafe { db.writer.force_unlock() };
     }
 }
 
 /// After fork(), in the child. The inherited databases are abandoned (each Store opens the file
-/// again at its next use), so their locks are left as they are: releasing one that a parent
-/// thread waited for would try to wake that thread through parking_lot's global table, whose
-/// lock a thread that does not exist here may hold.
+/// again at its next use), so their locks are left held: nothing here uses them again.
 pub fn after_fork_in_child() {
     release_sqlite_and_registry();
-    std::mem::forget(std::mem::take(&mut *FORKING.lock()));
+    std::mem::forget(DBS_HELD.with(|h| std::mem::take(&mut *h.borrow_mut())));
 }

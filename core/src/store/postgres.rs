@@ -13,8 +13,9 @@
 //! holds the slots shared blocks until that commit is visible, then looks for work: no wake-up is
 //! ever lost between "nothing to do" and "waiting".
 //!
-//! Connections: an r2d2 pool per process and database (at most `POOL_SIZE`, opened on demand,
-//! never tested on checkout: a lost connection fails the transaction, which is retried on another).
+//! Connections: a pool per process and database (`pg_pool`: at most `POOL_SIZE`, opened on
+//! demand, never tested on checkout: a lost connection fails the transaction, which is retried
+//! on another).
 //! Each keeps its own prepared statements. A forked child never uses or drops its parent's pool:
 //! it opens its own, and the inherited one is leaked (closing it would close the parent's sockets).
 
@@ -25,12 +26,13 @@ use std::sync::{Arc, Weak};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, NoTls, Row, Statement};
 
+use super::pg_pool::{self, Connector, Pool};
 use super::postgres_schema::{self as schema, qualify, WAKE_SLOTS};
 use super::process_local::{OwnedByProcess, ProcessLocal};
 use super::sqlite::{cancel_record, check_json, history_entry, validate};
@@ -198,37 +200,42 @@ pub(super) struct Conn {
     broken: bool,
 }
 
-/// Opens pooled connections (r2d2 calls it from its own threads) and tells it which are broken.
+/// Opens pooled connections and tells the pool which are broken.
 struct Manager {
     client_cfg: postgres::Config,
     cfg: PostgresConfig,
 }
 
-impl r2d2::ManageConnection for Manager {
-    type Connection = Conn;
-    type Error = Error;
+impl Connector for Manager {
+    type Conn = Conn;
 
     fn connect(&self) -> Result<Conn> {
         let client = connect(&self.client_cfg, &self.cfg)?;
         Ok(Conn { client, schema: self.cfg.schema.clone(), stmts: HashMap::new(), broken: false })
     }
 
-    /// Only called when checked out connections are tested, which this pool does not do: a
-    /// lost connection shows up as a retryable error of the transaction, which is retried.
-    fn is_valid(&self, conn: &mut Conn) -> Result<()> {
-        conn.client.simple_query("").map(|_| ()).map_err(|e| pg_error(&e))
+    /// Connections are not tested on checkout: a lost one shows up as a retryable error of the
+    /// transaction, which is retried on another.
+    fn is_broken(&self, conn: &mut Conn) -> bool {
+        conn.broken || conn.client.is_closed()
     }
 
-    fn has_broken(&self, conn: &mut Conn) -> bool {
-        conn.broken || conn.client.is_closed()
+    fn exhausted(&self, max: usize, waited: Duration) -> Error {
+        Error::Storage {
+            message: format!(
+                "no PostgreSQL connection to {} within {} s (all {max} of this process are in use)",
+                redact(&self.cfg.url),
+                waited.as_secs()
+            ),
+        }
     }
 }
 
 /// Connections per process and database, at most (busy and idle together); a thread that finds
 /// all busy waits for one.
-const POOL_SIZE: u32 = 32;
+const POOL_SIZE: usize = 32;
 
-type Pooled = r2d2::PooledConnection<Manager>;
+type Pooled = pg_pool::Pooled<Manager>;
 
 /// Hands a connection back to the pool for closing rather than reuse.
 fn discard(mut conn: Pooled) {
@@ -308,7 +315,7 @@ struct Shared {
     lock_key: i32,
     /// Not shared with a forked child: a child builds its own Shared and leaks the inherited one
     /// (PgStore::s), so it never closes its parent's connections.
-    pool: r2d2::Pool<Manager>,
+    pool: Pool<Manager>,
     batches: Mutex<HashMap<ThreadId, BatchConn>>,
     hub: Arc<Hub>,
     /// The wake slot this process's listener holds (-1: none); our own writers skip it.
@@ -356,15 +363,8 @@ impl Shared {
         let mut client = connect(&client_cfg, cfg)?;
         schema::migrate(&mut client, &cfg.schema, &channel, &cfg.describe())?;
         drop(client);
-        let pool = r2d2::Pool::builder()
-            .max_size(POOL_SIZE)
-            // Opened on demand, not POOL_SIZE at once.
-            .min_idle(Some(0))
-            .test_on_check_out(false)
-            .idle_timeout(Some(Duration::from_secs(60)))
-            .connection_timeout(Duration::from_secs(5))
-            .error_handler(Box::new(r2d2::NopErrorHandler))
-            .build_unchecked(Manager { client_cfg: client_cfg.clone(), cfg: cfg.clone() });
+        let manager = Manager { client_cfg: client_cfg.clone(), cfg: cfg.clone() };
+        let pool = Pool::new(manager, POOL_SIZE, Duration::from_secs(60), Duration::from_secs(5));
         let shared = Arc::new(Shared {
             pid: std::process::id(),
             cfg: cfg.clone(),
@@ -384,21 +384,10 @@ impl Shared {
         Ok(shared)
     }
 
-    /// A pooled connection: an idle one, else a new one (opened by the pool's thread), else the
-    /// next one handed back. Dropping it hands it back.
+    /// A pooled connection: an idle one, else a new one, else the next one handed back. Dropping
+    /// it hands it back.
     fn checkout(&self) -> Result<Pooled> {
-        if let Some(c) = self.pool.try_get() {
-            return Ok(c);
-        }
-        self.pool.get().map_err(|e| match e.to_string() {
-            // The pool keeps the last connect error as the message.
-            m if m.contains("PostgreSQL") => {
-                Error::Storage { message: m.replace("timed out waiting for connection: ", "") }
-            }
-            m => Error::Storage {
-                message: format!("no PostgreSQL connection to {} within 5 s ({m})", redact(&self.cfg.url)),
-            },
-        })
+        self.pool.get()
     }
 
     fn own(&self) -> i32 {
@@ -547,25 +536,26 @@ impl Drop for Shared {
 /// wake slot (see the module doc) and turns notifications into Hub wake-ups. Reconnects with
 /// backoff when its connection is lost.
 fn spawn_listener(shared: &Arc<Shared>) -> Result<JoinHandle<()>> {
-    let weak = Arc::downgrade(shared);
-    let stop = shared.stop.clone();
-    let hub = shared.hub.clone();
-    let own = shared.own_slot.clone();
-    let cfg = shared.client_cfg.clone();
-    let pc = shared.cfg.clone();
-    let channel = shared.channel.clone();
-    let key = shared.lock_key;
-    drop(weak);
+    let listener = Listener {
+        cfg: shared.client_cfg.clone(),
+        pc: shared.cfg.clone(),
+        channel: shared.channel.clone(),
+        key: shared.lock_key,
+        hub: shared.hub.clone(),
+        own: shared.own_slot.clone(),
+        stop: shared.stop.clone(),
+        pool: shared.pool.clone(),
+    };
     let handle = std::thread::Builder::new().name("qd-pg-listen".into()).spawn(move || {
         let mut attempt = 0u32;
-        while !stop.load(Ordering::Acquire) {
-            let ok = listen_session(&cfg, &pc, &channel, key, &hub, &own, &stop);
-            own.store(-1, Ordering::Release);
-            if stop.load(Ordering::Acquire) {
+        while !listener.stop.load(Ordering::Acquire) {
+            let ok = listener.session();
+            listener.own.store(-1, Ordering::Release);
+            if listener.stop.load(Ordering::Acquire) {
                 return;
             }
             // Whatever happened while the connection was down: let every waiter look again.
-            hub.notify();
+            listener.hub.notify();
             if ok {
                 attempt = 0;
             }
@@ -575,81 +565,95 @@ fn spawn_listener(shared: &Arc<Shared>) -> Result<JoinHandle<()>> {
     Ok(handle)
 }
 
-/// One listener connection's life. Returns whether it got as far as listening.
-fn listen_session(
-    cfg: &postgres::Config,
-    pc: &PostgresConfig,
-    channel: &str,
+/// What the listener thread works with (none of it keeps the Shared alive).
+struct Listener {
+    cfg: postgres::Config,
+    pc: PostgresConfig,
+    channel: String,
     key: i32,
-    hub: &Hub,
-    own: &AtomicI32,
-    stop: &AtomicBool,
-) -> bool {
-    let Ok(mut client) = connect(cfg, pc) else { return false };
-    let listen = format!("LISTEN {}; SET lock_timeout = '100ms'", schema::ident(channel));
-    if client.batch_execute(&listen).is_err() {
-        return false;
-    }
-    let first = (std::process::id() as i32).rem_euclid(WAKE_SLOTS);
-    let linger = Duration::from_millis(200);
-    let mut held: Option<i32> = None;
-    let mut last_interest = Instant::now();
-    let mut next_try = Instant::now();
-    while !stop.load(Ordering::Acquire) {
-        let interested = hub.interested();
-        if interested {
-            last_interest = Instant::now();
+    hub: Arc<Hub>,
+    own: Arc<AtomicI32>,
+    stop: Arc<AtomicBool>,
+    /// Its idle connections are closed here once they have idled too long.
+    pool: Pool<Manager>,
+}
+
+impl Listener {
+    /// One listener connection's life. Returns whether it got as far as listening.
+    fn session(&self) -> bool {
+        let Listener { cfg, pc, channel, key, hub, own, stop, pool } = self;
+        let key = *key;
+        let Ok(mut client) = connect(cfg, pc) else { return false };
+        let listen = format!("LISTEN {}; SET lock_timeout = '100ms'", schema::ident(channel));
+        if client.batch_execute(&listen).is_err() {
+            return false;
         }
-        match held {
-            None if interested && Instant::now() >= next_try => {
-                for i in 0..WAKE_SLOTS {
-                    let k = (first + i) % WAKE_SLOTS;
-                    match client.execute("SELECT pg_advisory_lock($1, $2)", &[&key, &k]) {
-                        Ok(_) => {
-                            held = Some(k);
-                            own.store(k, Ordering::Release);
-                            break;
+        let first = (std::process::id() as i32).rem_euclid(WAKE_SLOTS);
+        let linger = Duration::from_millis(200);
+        let mut held: Option<i32> = None;
+        let mut last_interest = Instant::now();
+        let mut next_try = Instant::now();
+        let mut last_reap = Instant::now();
+        while !stop.load(Ordering::Acquire) {
+            if last_reap.elapsed() > Duration::from_secs(1) {
+                pool.reap();
+                last_reap = Instant::now();
+            }
+            let interested = hub.interested();
+            if interested {
+                last_interest = Instant::now();
+            }
+            match held {
+                None if interested && Instant::now() >= next_try => {
+                    for i in 0..WAKE_SLOTS {
+                        let k = (first + i) % WAKE_SLOTS;
+                        match client.execute("SELECT pg_advisory_lock($1, $2)", &[&key, &k]) {
+                            Ok(_) => {
+                                held = Some(k);
+                                own.store(k, Ordering::Release);
+                                break;
+                            }
+                            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => continue,
+                            Err(_) => return true,
                         }
-                        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => continue,
-                        Err(_) => return true,
+                    }
+                    // Commits made before the slot was held may have notified no one: look once.
+                    hub.notify();
+                    if held.is_none() {
+                        // Every slot taken by other idle processes: fall back to polling.
+                        next_try = Instant::now() + Duration::from_millis(50);
                     }
                 }
-                // Commits made before the slot was held may have notified no one: look once.
-                hub.notify();
-                if held.is_none() {
-                    // Every slot taken by other idle processes: fall back to polling.
-                    next_try = Instant::now() + Duration::from_millis(50);
+                Some(k) if !interested && last_interest.elapsed() > linger => {
+                    own.store(-1, Ordering::Release);
+                    if client.execute("SELECT pg_advisory_unlock($1, $2)", &[&key, &k]).is_err() {
+                        return true;
+                    }
+                    held = None;
                 }
-            }
-            Some(k) if !interested && last_interest.elapsed() > linger => {
-                own.store(-1, Ordering::Release);
-                if client.execute("SELECT pg_advisory_unlock($1, $2)", &[&key, &k]).is_err() {
-                    return true;
+                None if !interested => {
+                    hub.wait_for_interest(Duration::from_millis(100));
                 }
-                held = None;
+                _ => {}
             }
-            None if !interested => {
-                hub.wait_for_interest(Duration::from_millis(100));
+            let wait = Duration::from_millis(if held.is_some() || interested { 50 } else { 1 });
+            {
+                let mut notes = client.notifications();
+                let first = notes.timeout_iter(wait).next();
+                match first {
+                    Ok(Some(_)) => hub.notify(),
+                    Ok(None) => {}
+                    Err(_) => return true,
+                }
+                // Coalesce whatever else is already buffered.
+                while let Ok(Some(_)) = notes.iter().next() {}
             }
-            _ => {}
-        }
-        let wait = Duration::from_millis(if held.is_some() || interested { 50 } else { 1 });
-        {
-            let mut notes = client.notifications();
-            let first = notes.timeout_iter(wait).next();
-            match first {
-                Ok(Some(_)) => hub.notify(),
-                Ok(None) => {}
-                Err(_) => return true,
+            if client.is_closed() {
+                return true;
             }
-            // Coalesce whatever else is already buffered.
-            while let Ok(Some(_)) = notes.iter().next() {}
         }
-        if client.is_closed() {
-            return true;
-        }
+        true
     }
-    true
 }
 
 pub(super) struct PgStore {
