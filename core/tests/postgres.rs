@@ -88,40 +88,55 @@ fn concurrent_first_opens_migrate_once() {
 }
 
 #[test]
-fn a_version_1_schema_is_migrated_to_the_one_statement_cycle() {
+fn older_schemas_are_migrated_to_the_current_one_statement_cycle() {
     let Some(url) = pg_url() else { return };
     let schema = PgSchema { url, schema: pg_schema_name() };
     let cfg = Config::parse(&schema.store_url()).unwrap();
     drop(Store::open(&cfg).unwrap());
-    // What version 1 left: no cycle function.
-    schema
-        .client()
-        .batch_execute("DROP FUNCTION cycle_fast; UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-        .unwrap();
-    let store = Store::open(&cfg).unwrap();
-    let mut c = schema.client();
-    let version: String = c.query_one("SELECT value FROM meta WHERE key = 'schema_version'", &[]).unwrap().get(0);
-    assert_eq!(version, "2");
-    let functions: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    let cycle_source = |c: &mut postgres::Client| -> Vec<String> {
+        c.query(
+            "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
               WHERE n.nspname = $1 AND p.proname = 'cycle_fast'",
             &[&schema.schema],
         )
         .unwrap()
-        .get(0);
-    assert_eq!(functions, 1);
-    let ids: Vec<TaskId> = (0..6).map(|i| store.enqueue(py(&format!("t{i}"))).unwrap().id).collect();
-    let d = dispatcher(&store, Runtime::Python);
-    let w = d.worker();
-    for _ in &ids {
-        let got = claim(&w);
-        w.complete(&got, Outcome::Success("1".into())).unwrap();
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    // Version 1 left no cycle function; version 2's had its rows' conditions outside a CASE
+    // (stood in for by editing the catalog: the test role is a superuser).
+    let v2 = format!(
+        "UPDATE pg_proc SET prosrc = replace(prosrc, 'CASE WHEN', 'CASE  WHEN')
+          WHERE proname = 'cycle_fast' AND pronamespace = '{}'::regnamespace",
+        schema.schema
+    );
+    for (old, setup) in [("1", "DROP FUNCTION cycle_fast"), ("2", v2.as_str())] {
+        drop(Store::open(&cfg).unwrap());
+        schema
+            .client()
+            .batch_execute(&format!("{setup}; UPDATE meta SET value = '{old}' WHERE key = 'schema_version'"))
+            .unwrap();
+        assert!(!cycle_source(&mut schema.client()).iter().any(|s| s.contains("CASE WHEN")));
+        let store = Store::open(&cfg).unwrap();
+        let mut c = schema.client();
+        let version: String = c.query_one("SELECT value FROM meta WHERE key = 'schema_version'", &[]).unwrap().get(0);
+        assert_eq!(version, "3", "migrated from version {old}");
+        let source = cycle_source(&mut c);
+        assert_eq!(source.len(), 1);
+        assert!(source[0].contains("CASE WHEN t.state = 'new'"), "the version 3 cycle");
+        let ids: Vec<TaskId> = (0..6).map(|i| store.enqueue(py(&format!("t{i}"))).unwrap().id).collect();
+        let d = dispatcher(&store, Runtime::Python);
+        let w = d.worker();
+        for _ in &ids {
+            let got = claim(&w);
+            w.complete(&got, Outcome::Success("1".into())).unwrap();
+        }
+        for id in ids {
+            assert_eq!(store.task(id).unwrap().state, State::Successful);
+        }
+        drop(d);
     }
-    for id in ids {
-        assert_eq!(store.task(id).unwrap().state, State::Successful);
-    }
-    drop(d);
 }
 
 #[test]

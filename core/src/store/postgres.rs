@@ -835,8 +835,11 @@ const CANDIDATES: &str = "WITH p AS (
 const TAKE: &str = "UPDATE @.tasks t SET state = 'running', attempts = t.attempts + 1, started_at = @.now_us(),
                           dispatcher_id = $1, token = c.token, cancel = 0
        FROM unnest($2::bigint[], $3::bigint[]) AS c(id, token)
-      WHERE t.id = c.id AND t.state = 'new' AND t.pending_deps = 0 AND t.failed_dep IS NULL
-        AND t.run_at <= @.now_us()
+      WHERE t.id = c.id
+        -- Per row, inside a CASE: see cycle_fast in postgres_schema.rs (the rows must be found by
+        -- primary key, never by scanning a partial index whose predicate these would match).
+        AND CASE WHEN t.state = 'new' AND t.pending_deps = 0 AND t.failed_dep IS NULL
+                  AND t.run_at <= @.now_us() THEN true ELSE false END
         AND (t.queue IS NULL OR (
               NOT EXISTS (SELECT 1 FROM @.tasks r WHERE r.queue = t.queue AND r.state = 'running')
               AND (t.attempts > 0 OR t.lost > 0 OR NOT EXISTS (

@@ -9,7 +9,7 @@ use postgres::Client;
 
 use crate::error::{Error, Result};
 
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// Marks a schema as ours, so a schema of another application is refused instead of modified.
 pub const APPLICATION: &str = "queue_dispatcher";
 
@@ -190,14 +190,14 @@ END $$;
 CREATE TABLE @.meta (key text PRIMARY KEY, value text NOT NULL);
 "#;
 
-/// Version 2: the common dispatcher cycle (plain successes, then claims) as one function, run as
-/// one autocommit statement: one round trip and one commit instead of about eight round trips.
+/// Version 2 (replaced whole by version 3, which finds its rows by primary key only): the common
+/// dispatcher cycle (plain successes, then claims) as one function, run as one autocommit statement: one round trip and one commit instead of about eight round trips.
 /// The Rust side (postgres.rs: `cycle_fast`) falls back to the multi-statement path for anything
 /// else, and for what this reports it did not do (settles not stored, handovers owed).
 /// Same rules as the multi-statement claim: CANDIDATES locks rows and queue rows (SKIP LOCKED),
 /// TAKE re-checks readiness and headship in a later statement, so with a snapshot taken after
 /// those locks were granted (a VOLATILE function takes one per statement).
-const V2: &str = r#"
+const CYCLE_FAST_V3: &str = r#"
 CREATE OR REPLACE FUNCTION @.cycle_fast(
     s_ids bigint[], s_tokens bigint[], s_results text[],
     rt text, disp bigint, want integer, par boolean, any_named boolean, named text[],
@@ -224,8 +224,10 @@ BEGIN
     WITH u AS (
       UPDATE @.tasks t SET state = 'successful', result = s_results[array_position(s_ids, t.id)], error = NULL,
                            finished_at = @.now_us()
-       WHERE t.id = ANY(s_ids) AND t.token = s_tokens[array_position(s_ids, t.id)]
-         AND t.state = 'running' AND t.cancel = 0
+       WHERE t.id = ANY(s_ids)
+         -- Checked per row inside a CASE, which no index predicate can match: see the claim.
+         AND CASE WHEN t.state = 'running' AND t.cancel = 0
+                   AND t.token = s_tokens[array_position(s_ids, t.id)] THEN true ELSE false END
       RETURNING t.id)
     SELECT coalesce(array_agg(u.id), '{}') INTO done FROM u;
   END IF;
@@ -260,8 +262,14 @@ BEGIN
         RETURN QUERY
         UPDATE @.tasks t SET state = 'running', attempts = t.attempts + 1, started_at = @.now_us(),
                              dispatcher_id = disp, token = tokens[array_position(cand, t.id)], cancel = 0
-         WHERE t.id = ANY(cand) AND t.state = 'new' AND t.pending_deps = 0 AND t.failed_dep IS NULL
-           AND t.run_at <= @.now_us()
+         WHERE t.id = ANY(cand)
+           -- The candidates are found by primary key. Readiness is re-checked per row inside a
+           -- CASE, which the planner cannot match to a partial index's predicate: written as
+           -- plain conditions, the planner (whose statistics lag a queue's churn) scanned
+           -- tasks_ready_parallel for them, reading every ready task on every cycle, or
+           -- and-ed bitmaps of tasks_running, whose dead entries bitmap scans never prune.
+           AND CASE WHEN t.state = 'new' AND t.pending_deps = 0 AND t.failed_dep IS NULL
+                     AND t.run_at <= @.now_us() THEN true ELSE false END
            AND (t.queue IS NULL OR (
                  NOT EXISTS (SELECT 1 FROM @.tasks r WHERE r.queue = t.queue AND r.state = 'running')
                  AND (t.attempts > 0 OR t.lost > 0 OR NOT EXISTS (
@@ -316,8 +324,8 @@ pub fn migrate(client: &mut Client, schema: &str, channel: &str, url: &str) -> R
             .replace("CHANNEL", &format!("'{}'", channel.replace('\'', "''")));
         tx.batch_execute(&v1).map_err(pg)?;
     }
-    if version < 2 {
-        tx.batch_execute(&qualify(V2, schema)).map_err(pg)?;
+    if version < 3 {
+        tx.batch_execute(&qualify(CYCLE_FAST_V3, schema)).map_err(pg)?;
     }
     tx.execute(
         &qualify(
