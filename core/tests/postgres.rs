@@ -465,3 +465,61 @@ fn processes_hammering_one_serial_queue_never_overlap() {
         .count();
     assert_eq!(pids, 4);
 }
+
+#[test]
+fn concurrent_plain_enqueues_share_inserts_and_each_gets_its_own_task() {
+    let Some(db) = pg() else { return };
+    let store = &db.store;
+    let later = clock::now_micros() + 3_600_000_000;
+    let made: Vec<Vec<(TaskId, NewTask)>> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                s.spawn(move || {
+                    (0..150)
+                        .map(|i| {
+                            // Every optional field both set and unset across the batch's rows.
+                            let mut task = py(&format!("t{t}_{i}")).args(format!(r#"{{"args":[{t},{i}],"kwargs":{{}}}}"#));
+                            task.priority = (i % 7) as i64;
+                            if i % 2 == 0 {
+                                task = task.queue(format!("q{t}"));
+                            }
+                            if i % 3 == 0 {
+                                task.run_at = Some(later + i as i64);
+                                task.receiver = Some(format!("{i}"));
+                                task.meta = Some(format!(r#"{{"i":{i}}}"#));
+                                task.timeout = Some(Duration::from_millis(1500));
+                                task.retries = 2;
+                            }
+                            (store.enqueue(task.clone()).unwrap().id, task)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ids = HashSet::new();
+    for (id, want) in made.into_iter().flatten() {
+        assert!(ids.insert(id), "id {id} handed out twice");
+        let got = store.task(id).unwrap();
+        assert_eq!(
+            (&got.target, &got.args, got.priority, &got.queue, &got.receiver, &got.meta, got.retries, got.timeout),
+            (
+                &want.target,
+                &want.args,
+                want.priority,
+                &want.queue,
+                &want.receiver,
+                &want.meta,
+                i64::from(want.retries),
+                want.timeout
+            ),
+            "task {id}"
+        );
+        match want.run_at {
+            Some(at) => assert_eq!(got.run_at, at),
+            None => assert!(got.run_at <= clock::now_micros() && got.run_at > clock::now_micros() - 60_000_000),
+        }
+    }
+    assert_eq!(ids.len(), 1200);
+}

@@ -7,6 +7,7 @@ mod db;
 pub(crate) mod db_fork {
     pub use super::db::{after_fork_in_child, after_fork_in_parent, prepare_fork};
 }
+mod combine;
 mod pg_pool;
 mod postgres;
 mod postgres_schema;

@@ -32,6 +32,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, NoTls, Row, Statement};
 
+use super::combine::Combiner;
 use super::pg_pool::{self, Connector, Pool};
 use super::postgres_schema::{self as schema, qualify, WAKE_SLOTS};
 use super::process_local::{OwnedByProcess, ProcessLocal};
@@ -325,6 +326,8 @@ struct Shared {
     /// Tokens of claims whose commit outcome is unknown (connection lost during COMMIT): any such
     /// task still running under its token is handed back at the next cycle.
     in_doubt: Mutex<Vec<i64>>,
+    /// Plain single-task enqueues of this process's threads, combined (see `enqueue_plain`).
+    enqueues: Combiner<NewTask, Result<TaskId>>,
 }
 
 type Registry = Vec<(u32, PostgresConfig, Weak<Shared>)>;
@@ -378,6 +381,7 @@ impl Shared {
             stop: Arc::new(AtomicBool::new(false)),
             listener: Mutex::new(None),
             in_doubt: Mutex::new(Vec::new()),
+            enqueues: Combiner::default(),
         });
         let handle = spawn_listener(&shared)?;
         *shared.listener.lock() = Some(handle);
@@ -1068,7 +1072,12 @@ impl Backend for PgStore {
         if let [t] = tasks {
             if !in_batch && t.unique_key.is_none() && t.depends_on.is_empty() {
                 validate(t)?;
-                let id = enqueue_single(&s, t)?;
+                // Concurrent plain enqueues of this process share one INSERT and one commit.
+                let id = s.enqueues.submit(
+                    t.clone(),
+                    |batch| enqueue_plain(&s, &batch),
+                    || Err(Error::Storage { message: "enqueue failed: a panic in the batch that carried it".into() }),
+                )?;
                 s.hub.notify();
                 return Ok(vec![Enqueued { id, existing: false }]);
             }
@@ -1700,6 +1709,102 @@ fn cycle_slow(
 
 /// One plain task in one autocommit statement. If the connection is lost with the outcome
 /// unknown, the row's enqueue token tells whether it was stored before trying again.
+/// Plain tasks (validated; no unique key, no dependencies), each committed before this returns:
+/// one alone with `enqueue_single`, several with one multi-row INSERT in one autocommit
+/// statement. A batch that fails for another reason than a lost connection is retried task by
+/// task, so each caller gets its own task's error.
+fn enqueue_plain(s: &Shared, batch: &[NewTask]) -> Vec<Result<TaskId>> {
+    if let [t] = batch {
+        return vec![enqueue_single(s, t)];
+    }
+    const SQL: &str = "WITH ins AS (
+         INSERT INTO @.tasks (queue, runtime, target, receiver, args, priority, retries, run_at, timeout_ms, meta,
+                              token)
+         SELECT q, rt, tg, rc, a, p, r, coalesce(ra, @.now_us()), tm, m, tk
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[],
+                       $8::bigint[], $9::bigint[], $10::text[], $11::bigint[])
+                AS u(q, rt, tg, rc, a, p, r, ra, tm, m, tk)
+         RETURNING token, id),
+       w AS MATERIALIZED (SELECT @.wake($12))
+     SELECT ins.token, ins.id FROM ins, w";
+    let args: Vec<InsertArgs> = batch.iter().map(InsertArgs::of).collect();
+    let queue: Vec<Option<&str>> = batch.iter().map(|t| t.queue.as_deref()).collect();
+    let runtime: Vec<&str> = args.iter().map(|a| a.runtime).collect();
+    let target: Vec<&str> = batch.iter().map(|t| t.target.as_str()).collect();
+    let receiver: Vec<Option<&str>> = batch.iter().map(|t| t.receiver.as_deref()).collect();
+    let task_args: Vec<&str> = batch.iter().map(|t| t.args.as_str()).collect();
+    let priority: Vec<i64> = batch.iter().map(|t| t.priority).collect();
+    let retries: Vec<i64> = args.iter().map(|a| a.retries).collect();
+    let run_at: Vec<Option<i64>> = batch.iter().map(|t| t.run_at).collect();
+    let timeout: Vec<Option<i64>> = args.iter().map(|a| a.timeout_ms).collect();
+    let meta: Vec<Option<&str>> = batch.iter().map(|t| t.meta.as_deref()).collect();
+    let tokens: Vec<i64> = args.iter().map(|a| a.token).collect();
+    let ids = |rows: &[Row]| -> HashMap<i64, TaskId> { rows.iter().map(|r| (r.get(0), r.get(1))).collect() };
+    let started = Instant::now();
+    let mut attempt = 0u32;
+    let mut in_doubt = false;
+    let failed = loop {
+        let mut conn = match s.checkout() {
+            Ok(c) => c,
+            Err(_) if started.elapsed() < RECONNECT_FOR => {
+                backoff(&mut attempt);
+                continue;
+            }
+            Err(e) => break e,
+        };
+        if in_doubt {
+            // The last attempt's commit reply was lost: it stored all of the batch or none (a
+            // task claimed since then no longer carries its token: stored, id unknown).
+            match conn.query("SELECT token, id FROM @.tasks WHERE token = ANY($1)", &[&tokens]) {
+                Ok(rows) if !rows.is_empty() => {
+                    let stored = ids(&rows);
+                    return tokens.iter().map(|t| stored.get(t).copied().ok_or_else(|| lost_row(*t))).collect();
+                }
+                Ok(_) => {}
+                Err(e) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
+                    discard(conn);
+                    backoff(&mut attempt);
+                    continue;
+                }
+                Err(e) => break pg_error(&e),
+            }
+        }
+        let own = s.own();
+        let params: [&(dyn ToSql + Sync); 12] = [
+            &queue, &runtime, &target, &receiver, &task_args, &priority, &retries, &run_at, &timeout, &meta, &tokens,
+            &own,
+        ];
+        match conn.query(SQL, &params) {
+            Ok(rows) => {
+                let stored = ids(&rows);
+                return tokens.iter().map(|t| stored.get(t).copied().ok_or_else(|| lost_row(*t))).collect();
+            }
+            Err(e) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
+                in_doubt = true;
+                discard(conn);
+                backoff(&mut attempt);
+            }
+            Err(e) => break pg_error(&e),
+        }
+    };
+    if in_doubt {
+        // Whether the batch was stored is unknown: retrying each task alone could store one twice.
+        return batch.iter().map(|_| Err(failed.clone())).collect();
+    }
+    batch.iter().map(|t| enqueue_single(s, t)).collect()
+}
+
+/// A task of a stored multi-row INSERT whose id cannot be told: its row was already claimed
+/// when a lost commit reply was checked.
+fn lost_row(token: i64) -> Error {
+    Error::Storage {
+        message: format!(
+            "the task was stored but its id is unknown (the reply to its commit was lost and it was claimed \
+             before it could be looked up; token {token})"
+        ),
+    }
+}
+
 fn enqueue_single(s: &Shared, t: &NewTask) -> Result<TaskId> {
     const SQL: &str = "INSERT INTO @.tasks (queue, runtime, target, receiver, args, priority, retries, run_at,
                                            timeout_ms, unique_key, meta, token)
