@@ -77,6 +77,17 @@ class DaemonTest < Minitest::Test
     refute(log_lines.any? { |l| l.start_with?('send_mail') }, 'dependents never ran')
   end
 
+  def test_retry_base_sets_the_delay_before_the_first_retry
+    task = FailJob.enqueue(retries: 1).boom
+    before = Time.now
+    start_daemon('-w', '1', '--retry-base', '40')
+    wait_until(20, 'the first attempt failed and was rescheduled') { task.reload.attempts == 1 && task.new? }
+    assert_equal 1, task.error_history.size
+    # Full jitter on the upper half: between 20 and 40 s later (the default base would be 0.5-1 s).
+    assert_operator task.run_at - before, :>, 15, 'the retry waits for --retry-base'
+    assert_operator task.run_at - before, :<, 60
+  end
+
   def test_sigkill_mid_task_is_recovered
     marker = File.join(@dir, 'marker')
     t = StepJob.enqueue.once(marker)

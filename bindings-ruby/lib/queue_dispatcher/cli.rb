@@ -27,7 +27,8 @@ module QueueDispatcher
       @opts = {
         workers: 10, requires: [], db: nil, queues: nil, parallel: nil, processes: 1, background: false,
         pidfile: nil, logfile: nil, grace: 30.0, lease: env_f('QUEUE_DISPATCHER_LEASE'),
-        heartbeat: env_f('QUEUE_DISPATCHER_HEARTBEAT'), max_lost: env_i('QUEUE_DISPATCHER_MAX_LOST'), verbose: false, child: false
+        heartbeat: env_f('QUEUE_DISPATCHER_HEARTBEAT'), max_lost: env_i('QUEUE_DISPATCHER_MAX_LOST'), retry_base: nil,
+        verbose: false, child: false
       }
     end
 
@@ -92,6 +93,7 @@ module QueueDispatcher
         o.on('--lease SECONDS', Float, 'lease: a dispatcher silent this long is declared dead (default 15; env QUEUE_DISPATCHER_LEASE)') { |v| @opts[:lease] = v }
         o.on('--heartbeat SECONDS', Float, 'heartbeat interval (default 1, at most lease/2; env QUEUE_DISPATCHER_HEARTBEAT)') { |v| @opts[:heartbeat] = v }
         o.on('--max-lost N', Integer, 'lost runs (dead dispatchers) before a task is aborted (default 5; env QUEUE_DISPATCHER_MAX_LOST)') { |v| @opts[:max_lost] = v }
+        o.on('--retry-base SECONDS', Float, 'first retry delay, doubled per attempt (default 1)') { |v| @opts[:retry_base] = v }
         o.on('--verbose', 'log every task, not only failures') { @opts[:verbose] = true }
         o.on('--child', '(internal) a worker process started by --processes') { @opts[:child] = true }
         o.on('-v', '--version', 'print the version') do
@@ -153,7 +155,7 @@ module QueueDispatcher
       parallel = @opts[:parallel].nil? ? @opts[:queues].nil? : @opts[:parallel]
       runner = Runner.new(workers: @opts[:workers], queues: @opts[:queues], parallel: parallel,
                           lease: @opts[:lease], heartbeat: @opts[:heartbeat], max_lost: @opts[:max_lost],
-                          logger: @logger, verbose: @opts[:verbose])
+                          retry_base: @opts[:retry_base], logger: @logger, verbose: @opts[:verbose])
       runner.start
       @logger.info("started: #{@opts[:workers]} workers on #{QueueDispatcher.store.describe}" \
                    "#{@opts[:queues] ? ", queues #{@opts[:queues].join(',')}" : ''} (pid #{Process.pid})")
@@ -259,6 +261,7 @@ module QueueDispatcher
       a += ['--lease', @opts[:lease].to_s] if @opts[:lease]
       a += ['--heartbeat', @opts[:heartbeat].to_s] if @opts[:heartbeat]
       a += ['--max-lost', @opts[:max_lost].to_s] if @opts[:max_lost]
+      a += ['--retry-base', @opts[:retry_base].to_s] if @opts[:retry_base]
       a << '--verbose' if @opts[:verbose]
       a
     end

@@ -48,13 +48,15 @@ module QueueDispatcher
 
     # workers: thread count; queues: Array of named queues (nil: all); parallel: also run tasks
     # without a queue; lease/heartbeat: seconds; max_lost: lost runs (dead dispatchers) before a
-    # task is aborted (default 5); verbose: log every task, not only failures.
+    # task is aborted (default 5); retry_base: seconds before a failed task's first retry, doubled
+    # per attempt (default 1); verbose: log every task, not only failures.
     def initialize(workers: 10, queues: nil, parallel: true, lease: nil, heartbeat: nil, max_lost: nil, name: nil,
-                   logger: Logger.new($stdout), verbose: false)
+                   retry_base: nil, logger: Logger.new($stdout), verbose: false)
       raise QueueDispatcher.invalid('workers', "#{workers.inspect} is not a positive Integer") unless workers.is_a?(Integer) && workers.positive?
 
       @workers = workers
-      @opts = { workers: workers, queues: queues&.map(&:to_s), parallel: parallel, name: name, max_lost: max_lost }
+      @opts = { workers: workers, queues: queues&.map(&:to_s), parallel: parallel, name: name, max_lost: max_lost,
+                retry_base: retry_base&.to_f }
       if lease
         @opts[:lease] = lease.to_f
         @opts[:heartbeat] = (heartbeat || [1.0, lease.to_f / 5].min).to_f
