@@ -91,7 +91,12 @@ fn main() {
     if wanted(&["sqlite_insert_tx", "sqlite_insert_tx_full", "core_enqueue", "core_enqueue_full"]) {
         insert_figures(&plan);
     }
-    if wanted(&["core_claim_complete_2t", "core_claim_complete_2t_backlog", "core_claim_complete_2t_queued"]) {
+    if wanted(&[
+        "core_claim_complete_2t",
+        "core_claim_complete_2t_backlog",
+        "core_claim_complete_2t_queued",
+        "core_claim_complete_10w",
+    ]) {
         drain_figures(&plan);
     }
     if wanted(&["core_idle_cpu_pct"]) {
@@ -113,6 +118,7 @@ fn main() {
         "pg_insert_tx",
         "pg_enqueue",
         "pg_claim_complete_2t",
+        "pg_claim_complete_10w",
         "pg_latency_p50_ms",
         "pg_latency_p99_ms",
         "pg_latency_xconn_p50_ms",
@@ -123,6 +129,9 @@ fn main() {
 
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL (when QUEUE_DISPATCHER_TEST_PG names a server)
+
+/// A dispatcher's default worker count (`DispatcherConfig`, both CLIs), for the `_10w` figures.
+const DEFAULT_WORKERS: usize = 10;
 
 /// Threads of the enqueue figure and of its baseline.
 const PG_ENQUEUE_THREADS: usize = 8;
@@ -153,7 +162,7 @@ fn pg_figures(plan: &Plan, short: bool) {
     let rounds = if short { 2 } else { plan.insert_rounds.min(4) };
     let drain_n = if short { 3_000 } else { 10_000 };
     let (mut base8, mut enq, mut ratio8) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut base2, mut drained, mut ratio2) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut base2, mut drained, mut ratio2, mut drained10) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         let b8 = pg_insert_tx(&url, &raw, PG_ENQUEUE_THREADS, window);
         let e = pg_enqueue(&store, PG_ENQUEUE_THREADS, window);
@@ -161,7 +170,8 @@ fn pg_figures(plan: &Plan, short: bool) {
         base8.push(b8);
         enq.push(e);
         let b2 = pg_insert_tx(&url, &raw, 2, window);
-        let d = pg_drain(&store, drain_n);
+        let d = pg_drain(&store, 2, drain_n);
+        drained10.push(pg_drain(&store, DEFAULT_WORKERS, drain_n));
         ratio2.push(d / b2);
         base2.push(b2);
         drained.push(d);
@@ -184,6 +194,13 @@ fn pg_figures(plan: &Plan, short: bool) {
         "tasks/s",
         json!({"workers": 2, "baseline": rounded(median(&mut base2), 0), "ratio": rounded(median(&mut ratio2), 3),
                "rounds": rounds, "n": drain_n}),
+    );
+    // The default worker count: cycles carry more tasks each. No target; beside the 2-worker figure.
+    report(
+        "pg_claim_complete_10w",
+        rounded(median(&mut drained10), 0),
+        "tasks/s",
+        json!({"workers": DEFAULT_WORKERS, "rounds": rounds, "n": drain_n}),
     );
     report_latency(
         "pg_latency",
@@ -258,12 +275,12 @@ fn pg_enqueue(store: &Store, threads: usize, window: Duration) -> f64 {
 }
 
 /// Claim + complete of `n` ready no-op tasks by 2 workers (the `core_claim_complete_2t` shape).
-fn pg_drain(store: &Store, n: usize) -> f64 {
+fn pg_drain(store: &Store, workers: usize, n: usize) -> f64 {
     let task = NewTask::new(Runtime::Python, TARGET).args(args_json());
     for chunk in vec![task; n].chunks(2_000) {
         store.enqueue_many(chunk).expect("enqueue_many");
     }
-    let d = drain(store, n, 0);
+    let d = drain(store, workers, n, 0);
     n as f64 / d.parallel.as_secs_f64()
 }
 
@@ -393,7 +410,13 @@ fn drain_figures(plan: &Plan) {
     let mut plain = Vec::new();
     let mut backlog = Vec::new();
     let mut queued = Vec::new();
+    let mut ten = Vec::new();
     for _ in 0..plan.drain_rounds {
+        let (dir, store) = fresh_store(Synchronous::Normal);
+        enqueue_parallel(&store, plan.drain);
+        checkpoint(dir.path());
+        let d = drain(&store, DEFAULT_WORKERS, plan.drain, 0);
+        ten.push(plan.drain as f64 / d.parallel.as_secs_f64());
         let d = drain_fresh(plan.drain, false);
         plain.push(plan.drain as f64 / d.parallel.as_secs_f64());
         let d = drain_fresh(plan.drain, true);
@@ -414,6 +437,13 @@ fn drain_figures(plan: &Plan) {
         "tasks/s",
         json!({"n": plan.drain, "blocked": BLOCKED, "queued": QUEUED, "ratio": rounded(backlog / plain, 3), "rounds": plan.drain_rounds}),
     );
+    // The default worker count (no target; cycles carry more tasks each).
+    report(
+        "core_claim_complete_10w",
+        rounded(median(&mut ten), 0),
+        "tasks/s",
+        json!({"n": plan.drain, "workers": DEFAULT_WORKERS, "rounds": plan.drain_rounds}),
+    );
     // The backlog's serial tasks, drained after the parallel ones (claims take the lowest id).
     report(
         "core_claim_complete_2t_queued",
@@ -432,7 +462,7 @@ fn drain_fresh(parallel: usize, with_backlog: bool) -> Drained {
         enqueue_parallel(&store, parallel);
     }
     checkpoint(dir.path());
-    drain(&store, parallel, if with_backlog { QUEUED } else { 0 })
+    drain(&store, 2, parallel, if with_backlog { QUEUED } else { 0 })
 }
 
 fn enqueue_parallel(store: &Store, n: usize) {
@@ -511,9 +541,8 @@ impl Tally {
     }
 }
 
-/// Two worker threads of one dispatcher drain every claimable task with `complete_and_claim`.
-fn drain(store: &Store, parallel: usize, queued: usize) -> Drained {
-    let workers = 2;
+/// `workers` threads of one dispatcher drain every claimable task with `complete_and_claim`.
+fn drain(store: &Store, workers: usize, parallel: usize, queued: usize) -> Drained {
     let mut cfg = DispatcherConfig::new(Runtime::Python);
     cfg.workers = workers;
     let d = Dispatcher::start(store, cfg).expect("start dispatcher");
