@@ -478,7 +478,8 @@ fn concurrent_plain_enqueues_share_inserts_and_each_gets_its_own_task() {
                     (0..150)
                         .map(|i| {
                             // Every optional field both set and unset across the batch's rows.
-                            let mut task = py(&format!("t{t}_{i}")).args(format!(r#"{{"args":[{t},{i}],"kwargs":{{}}}}"#));
+                            let mut task =
+                                py(&format!("t{t}_{i}")).args(format!(r#"{{"args":[{t},{i}],"kwargs":{{}}}}"#));
                             task.priority = (i % 7) as i64;
                             if i % 2 == 0 {
                                 task = task.queue(format!("q{t}"));
