@@ -524,3 +524,56 @@ fn concurrent_plain_enqueues_share_inserts_and_each_gets_its_own_task() {
     }
     assert_eq!(ids.len(), 1200);
 }
+
+#[test]
+fn enqueues_survive_terminated_backends_without_loss_or_duplicates() {
+    let Some(db) = pg() else { return };
+    let pg = db.pg.as_ref().unwrap();
+    let app = format!("qd_kill_enq_{}", fastrand::u32(..));
+    let store = Store::open(&Config::parse(&format!("{}&application_name={app}", pg.store_url())).unwrap()).unwrap();
+    let mut admin = postgres::Client::connect(&pg.url, postgres::NoTls).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (kills, made) = std::thread::scope(|s| {
+        // Six threads, so plain enqueues are combined into multi-row INSERTs while backends die.
+        let threads: Vec<_> = (0..6)
+            .map(|t| {
+                let (store, stop) = (&store, &stop);
+                s.spawn(move || {
+                    let mut made = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let target = format!("t{t}_{i}");
+                        let id = store.enqueue(py(&target)).unwrap_or_else(|e| panic!("enqueue {target}: {e}")).id;
+                        made.push((id, format!("tests.jobs:{target}")));
+                        i += 1;
+                    }
+                    made
+                })
+            })
+            .collect();
+        let mut kills = 0;
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(100));
+            let k: i64 = admin
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                      WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                    &[&app],
+                )
+                .unwrap()
+                .get(0);
+            kills += k;
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        (kills, threads.into_iter().flat_map(|h| h.join().unwrap()).collect::<Vec<_>>())
+    });
+    assert!(kills >= 5, "backends were terminated ({kills})");
+    let mut c = pg.client();
+    let stored: i64 = c.query_one("SELECT count(*) FROM tasks", &[]).unwrap().get(0);
+    assert_eq!(stored as usize, made.len(), "one row per successful enqueue, no more (no duplicates), no less");
+    let distinct: i64 = c.query_one("SELECT count(DISTINCT target) FROM tasks", &[]).unwrap().get(0);
+    assert_eq!(distinct, stored, "no task stored twice");
+    for (id, target) in &made {
+        assert_eq!(&store.task(*id).unwrap().target, target, "task {id}");
+    }
+}
