@@ -121,7 +121,7 @@ fn older_schemas_are_migrated_to_the_current_one_statement_cycle() {
         let store = Store::open(&cfg).unwrap();
         let mut c = schema.client();
         let version: String = c.query_one("SELECT value FROM meta WHERE key = 'schema_version'", &[]).unwrap().get(0);
-        assert_eq!(version, "3", "migrated from version {old}");
+        assert_eq!(version, "4", "migrated from version {old}");
         let source = cycle_source(&mut c);
         assert_eq!(source.len(), 1);
         assert!(source[0].contains("CASE WHEN t.state = 'new'"), "the version 3 cycle");
@@ -137,6 +137,61 @@ fn older_schemas_are_migrated_to_the_current_one_statement_cycle() {
         }
         drop(d);
     }
+}
+
+#[test]
+fn a_version_3_schema_gains_dependency_flags_for_its_existing_edges() {
+    let Some(url) = pg_url() else { return };
+    let schema = PgSchema { url, schema: pg_schema_name() };
+    let cfg = Config::parse(&schema.store_url()).unwrap();
+    let store = Store::open(&cfg).unwrap();
+    let dep = store.enqueue(py("dep")).unwrap().id;
+    let dependent = store.enqueue(py("dependent").depends_on([dep])).unwrap().id;
+    let failing = store.enqueue(py("failing")).unwrap().id;
+    let doomed = store.enqueue(py("doomed").depends_on([failing])).unwrap().id;
+    drop(store);
+    // Back to what version 3 had: no flag column, triggers for every finished task.
+    schema
+        .client()
+        .batch_execute(
+            "ALTER TABLE tasks DROP COLUMN has_dependents CASCADE;
+             CREATE TRIGGER tasks_succeeded AFTER UPDATE OF state ON tasks FOR EACH ROW
+               WHEN (NEW.state = 'successful' AND OLD.state <> 'successful') EXECUTE FUNCTION tasks_finished();
+             CREATE TRIGGER tasks_failed AFTER UPDATE OF state ON tasks FOR EACH ROW
+               WHEN (NEW.state IN ('error', 'aborted') AND OLD.state NOT IN ('error', 'aborted'))
+               EXECUTE FUNCTION tasks_finished();
+             UPDATE meta SET value = '3' WHERE key = 'schema_version'",
+        )
+        .unwrap();
+    let store = Store::open(&cfg).unwrap();
+    let flagged: Vec<i64> = schema
+        .client()
+        .query("SELECT id FROM tasks WHERE has_dependents ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(flagged, vec![dep, failing]);
+    let d = dispatcher(&store, Runtime::Python);
+    let w = d.worker();
+    let mut seen = HashSet::new();
+    while seen.len() < 3 {
+        let c = claim(&w);
+        seen.insert(c.task.id);
+        let outcome = if c.task.id == failing {
+            Outcome::Failure(ErrorRecord::new("Boom", "failed on purpose"))
+        } else {
+            Outcome::Success("1".into())
+        };
+        w.complete(&c, outcome).unwrap();
+    }
+    assert_eq!(seen, HashSet::from([dep, dependent, failing]), "the dependent ran once its dependency had");
+    assert_eq!(store.task(dependent).unwrap().state, State::Successful);
+    wait_until("the doomed task to fail without running", Duration::from_secs(10), || {
+        let _ = w.claim(Some(Duration::from_millis(50)));
+        store.task(doomed).unwrap().state == State::Error
+    });
+    drop(d);
 }
 
 #[test]
