@@ -338,6 +338,63 @@ fn a_failed_dependency_fails_dependents_transitively_without_running_them() {
 }
 
 #[test]
+fn dependents_enqueued_while_their_dependencies_finish_are_never_missed() {
+    each_store(|s, _| {
+        // Ruby dependencies, finished by a Ruby worker while four threads add Python dependents.
+        let good = s.enqueue(rb("good")).unwrap().id;
+        let bad = s.enqueue(rb("bad")).unwrap().id;
+        let rd = dispatcher(s, Runtime::Ruby);
+        let rw = rd.worker();
+        let made: Vec<(TaskId, TaskId)> = std::thread::scope(|sc| {
+            let enqueuers: Vec<_> = (0..4)
+                .map(|t| {
+                    sc.spawn(move || {
+                        (0..60)
+                            .map(|i| {
+                                let dep = if (t + i) % 2 == 0 { good } else { bad };
+                                (s.enqueue(py(&format!("d{t}_{i}")).depends_on([dep])).unwrap().id, dep)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(5));
+            for _ in 0..2 {
+                let c = claim(&rw);
+                if c.task.id == good {
+                    ok(&rw, &c);
+                } else {
+                    fail(&rw, &c, "boom");
+                }
+            }
+            enqueuers.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(made.len(), 240);
+        // Each dependent of `good` runs once; each dependent of `bad` is handed over, never run.
+        let should_run: HashSet<TaskId> = made.iter().filter(|(_, d)| *d == good).map(|(id, _)| *id).collect();
+        let should_fail: HashSet<TaskId> = made.iter().filter(|(_, d)| *d == bad).map(|(id, _)| *id).collect();
+        let pd = dispatcher(s, Runtime::Python);
+        let pw = pd.worker();
+        let (mut ran, mut handed) = (HashSet::new(), HashSet::new());
+        while ran.len() + handed.len() < made.len() {
+            let c = pw
+                .claim(Some(Duration::from_secs(5)))
+                .unwrap()
+                .unwrap_or_else(|| panic!("{} ran and {} were handed over, of 240", ran.len(), handed.len()));
+            match c.kind {
+                ClaimKind::Run => {
+                    assert!(ran.insert(c.task.id));
+                    ok(&pw, &c);
+                }
+                ClaimKind::OnError => assert!(handed.insert(c.task.id)),
+            }
+        }
+        assert_eq!(ran, should_run, "every dependent of the successful task ran, and only those");
+        assert_eq!(handed, should_fail, "every dependent of the failed task failed without running");
+    });
+}
+
+#[test]
 fn a_dependency_on_a_missing_row_fails_the_dependent() {
     let db = sqlite();
     let t = db.store.enqueue(py("t")).unwrap().id;
