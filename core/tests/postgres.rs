@@ -382,75 +382,28 @@ fn child_forks(store: &Store, spec: &str) {
         .collect()
     };
     let url = spec.split("?").next().unwrap().to_string();
-    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    let d = dispatcher(store, Runtime::Python);
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    /// Stops the busy threads even when an assertion fails, so the failure is reported.
-    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
-    impl Drop for StopOnDrop<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-    std::thread::scope(|s| {
-        let _stop_guard = StopOnDrop(&stop);
-        for _ in 0..2 {
-            let (w, stop) = (d.worker(), &stop);
-            s.spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if let Ok(Some(c)) = w.claim(Some(Duration::from_millis(20))) {
-                        let _ = w.complete(&c, Outcome::Success("null".into()));
-                    }
-                }
-            });
-        }
-        let stop_ref = &stop;
-        s.spawn(move || {
-            while !stop_ref.load(std::sync::atomic::Ordering::Relaxed) {
-                store.enqueue(py("busy")).unwrap();
-            }
-        });
-        std::thread::sleep(Duration::from_millis(200));
-        let before = backends(&mut admin);
-        assert!(before.len() >= 3, "the parent holds connections before forking: {before:?}");
-        for round in 0..FORK_ROUNDS {
-            fork::prepare();
-            // SAFETY: the child only makes engine calls and leaves with _exit.
-            let pid = unsafe { libc::fork() };
-            if pid == 0 {
-                fork::after_in_child();
-                let code = match store.enqueue(py("from_child")) {
-                    Ok(e) if store.task(e.id).is_ok() => 0,
-                    _ => 2,
-                };
-                unsafe { libc::_exit(code) };
-            }
-            fork::after_in_parent();
-            assert!(pid > 0, "fork failed");
-            let (mut status, deadline) = (0, Instant::now() + Duration::from_secs(20));
-            // SAFETY: waiting on our own child.
-            while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
-                if Instant::now() > deadline {
-                    let _ = std::process::Command::new("gdb")
-                        .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt"])
-                        .stdout(std::fs::File::create("/tmp/forkhang.txt").unwrap())
-                        .status();
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                    panic!("round {round}: child {pid} hung after fork");
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "round {round}: status {status}");
-            store.enqueue(py("parent_after_fork")).expect("the parent's store still works");
-        }
-        let after = backends(&mut admin);
-        assert!(before.is_subset(&after), "a child closed the parent's connections: {before:?} -> {after:?}");
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
+    let child = |store: &Store| match store.enqueue(py("from_child")) {
+        Ok(e) if store.task(e.id).is_ok() => 0,
+        _ => 2,
+    };
+    fork_while_busy(
+        store,
+        FORK_ROUNDS,
+        child,
+        || {
+            let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            let before = backends(&mut admin);
+            assert!(before.len() >= 3, "the parent holds connections before forking: {before:?}");
+            (admin, before)
+        },
+        |(mut admin, before)| {
+            let after = backends(&mut admin);
+            assert!(before.is_subset(&after), "a child closed the parent's connections: {before:?} -> {after:?}");
+        },
+    );
     let from_children =
         store.list(&TaskFilter::default()).unwrap().iter().filter(|t| t.target.ends_with("from_child")).count();
     assert_eq!(from_children, FORK_ROUNDS);
-    drop(d);
 }
 
 #[test]

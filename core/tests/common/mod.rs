@@ -208,3 +208,77 @@ pub fn spawn_child_process(
         .spawn()
         .expect("spawn child process")
 }
+
+/// Forks `rounds` times while two workers of a dispatcher and an enqueuer keep the engine busy
+/// (the preload-and-fork pattern of app servers), with the engine's fork hooks around each fork.
+/// Each child runs `child` on the inherited Store and leaves with its return value as exit code;
+/// the parent requires exit code 0 within 20 s, and its own Store to keep working. `before` runs
+/// once the engine is busy, `after` (given what `before` returned) after the last fork, both
+/// while the busy threads still run. Call it from a process of its own: fork() and the threads of
+/// other tests do not mix.
+pub fn fork_while_busy<B>(
+    store: &Store,
+    rounds: usize,
+    child: fn(&Store) -> i32,
+    before: impl FnOnce() -> B,
+    after: impl FnOnce(B),
+) {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    let d = dispatcher(store, Runtime::Python);
+    let stop = AtomicBool::new(false);
+    /// Stops the busy threads even when an assertion fails, so the failure is reported.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Relaxed);
+        }
+    }
+    std::thread::scope(|s| {
+        let _stop_guard = StopOnDrop(&stop);
+        for _ in 0..2 {
+            let (w, stop) = (d.worker(), &stop);
+            s.spawn(move || {
+                while !stop.load(Relaxed) {
+                    if let Ok(Some(c)) = w.claim(Some(Duration::from_millis(20))) {
+                        let _ = w.complete(&c, Outcome::Success("null".into()));
+                    }
+                }
+            });
+        }
+        let stop_ref = &stop;
+        s.spawn(move || {
+            while !stop_ref.load(Relaxed) {
+                store.enqueue(py("busy")).unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let state = before();
+        for round in 0..rounds {
+            fork::prepare();
+            // SAFETY: the child only makes engine calls, prepared for by the fork hooks, and
+            // leaves with _exit, never returning into the test harness.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                fork::after_in_child();
+                let code = child(store);
+                unsafe { libc::_exit(code) };
+            }
+            fork::after_in_parent();
+            assert!(pid > 0, "fork failed");
+            let (mut status, deadline) = (0, Instant::now() + Duration::from_secs(20));
+            // SAFETY: waiting on our own child.
+            while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
+                if Instant::now() > deadline {
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    panic!("round {round}: child {pid} hung after fork");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "round {round}: child status {status}");
+            store.enqueue(py("parent_after_fork")).expect("the parent's store still works");
+        }
+        after(state);
+        stop.store(true, Relaxed);
+    });
+    drop(d);
+}
