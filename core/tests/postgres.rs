@@ -258,6 +258,25 @@ fn an_idle_dispatcher_is_woken_by_another_connection_within_milliseconds() {
     assert!(lat[lat.len() / 2] < Duration::from_millis(50), "median wake-up {:?}", lat[lat.len() / 2]);
 }
 
+/// Every 100 ms, `times` times: terminates the backends whose application_name is `app` (the
+/// connections of the store under test). Returns how many were terminated.
+fn terminate_repeatedly(admin: &mut postgres::Client, app: &str, times: usize) -> usize {
+    let mut kills = 0;
+    for _ in 0..times {
+        std::thread::sleep(Duration::from_millis(100));
+        let k: i64 = admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                  WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                &[&app],
+            )
+            .unwrap()
+            .get(0);
+        kills += k as usize;
+    }
+    kills
+}
+
 #[test]
 fn a_dispatcher_keeps_going_when_its_backends_are_terminated() {
     let Some(db) = pg() else { return };
@@ -292,18 +311,7 @@ fn a_dispatcher_keeps_going_when_its_backends_are_terminated() {
             });
         }
         // Terminate every backend of this process's stores, several times, while they work.
-        for _ in 0..8 {
-            std::thread::sleep(Duration::from_millis(100));
-            let k: i64 = admin
-                .query_one(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                      WHERE application_name = $1 AND pid <> pg_backend_pid()",
-                    &[&app],
-                )
-                .unwrap()
-                .get(0);
-            kills.fetch_add(k as usize, std::sync::atomic::Ordering::SeqCst);
-        }
+        kills.fetch_add(terminate_repeatedly(&mut admin, &app, 8), std::sync::atomic::Ordering::SeqCst);
     });
     assert!(kills.load(std::sync::atomic::Ordering::SeqCst) >= 5, "backends were terminated");
     for id in ids {
@@ -559,19 +567,7 @@ fn enqueues_survive_terminated_backends_without_loss_or_duplicates() {
                 })
             })
             .collect();
-        let mut kills = 0;
-        for _ in 0..10 {
-            std::thread::sleep(Duration::from_millis(100));
-            let k: i64 = admin
-                .query_one(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                      WHERE application_name = $1 AND pid <> pg_backend_pid()",
-                    &[&app],
-                )
-                .unwrap()
-                .get(0);
-            kills += k;
-        }
+        let kills = terminate_repeatedly(&mut admin, &app, 10);
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         (kills, threads.into_iter().flat_map(|h| h.join().unwrap()).collect::<Vec<_>>())
     });
