@@ -234,7 +234,7 @@ impl Db {
     /// Runs `f` in a write transaction (a savepoint inside an open batch of this thread).
     pub fn write<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
         let guard = self.writer.lock();
-        let _quiet = self.quiesce.read();
+        let quiet = self.quiesce.read();
         let conn = &guard.conn;
         let in_batch = guard.batch.get() > 0;
         let (begin, commit, rollback) = if in_batch {
@@ -250,6 +250,10 @@ impl Db {
                 Ok(_) => {
                     // Only real changes wake waiters: an empty claim must not wake its own writer.
                     let changed = conn.total_changes() != before;
+                    // Both released before throttling: the rewind it waits for takes `quiesce`
+                    // exclusively, so holding it shared would stall every writer for the whole
+                    // 100 ms timeout.
+                    drop(quiet);
                     drop(guard);
                     if changed && !in_batch {
                         self.committed();

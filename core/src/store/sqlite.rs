@@ -162,7 +162,9 @@ fn enqueue_one(c: &Connection, t: &NewTask, now: i64, alone: bool) -> Result<Enq
     validate(t)?;
     if let Some(key) = &t.unique_key {
         let held: Option<TaskId> = c
-            .prepare_cached("SELECT id FROM tasks WHERE unique_key = ?1 AND state IN ('new', 'running')")?
+            // The state test is written exactly as tasks_unique_key's predicate: SQLite uses a
+            // partial index only for a query term that matches it (with IN it scanned the table).
+            .prepare_cached("SELECT id FROM tasks WHERE unique_key = ?1 AND (state = 'new' OR state = 'running')")?
             .query_row([key], |r| r.get(0))
             .optional()?;
         if let Some(id) = held {
