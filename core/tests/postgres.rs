@@ -581,3 +581,34 @@ fn enqueues_survive_terminated_backends_without_loss_or_duplicates() {
         assert_eq!(&store.task(*id).unwrap().target, target, "task {id}");
     }
 }
+
+#[test]
+fn a_batch_waiting_on_another_batch_blocks_neither_that_batch_nor_other_threads() {
+    let Some(db) = pg() else { return };
+    let store = &db.store;
+    let (first_open, second_sent) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let b = store.begin_batch().unwrap();
+            store.enqueue(py("first").unique_key("k")).unwrap();
+            first_open.wait();
+            second_sent.wait();
+            // The other batch now waits on this one's unique-key entry.
+            std::thread::sleep(Duration::from_millis(200));
+            let t = Instant::now();
+            assert!(store.counts().is_ok(), "an unrelated call");
+            b.commit().unwrap();
+            assert!(t.elapsed() < Duration::from_secs(5), "the holder committed while the other batch waited");
+        });
+        s.spawn(|| {
+            first_open.wait();
+            let b = store.begin_batch().unwrap();
+            second_sent.wait();
+            let e = store.enqueue(py("second").unique_key("k")).unwrap();
+            assert!(e.existing, "the key was taken by the first batch");
+            b.commit().unwrap();
+        });
+    });
+    let tasks = store.list(&TaskFilter::default()).unwrap();
+    assert_eq!(tasks.len(), 1);
+}

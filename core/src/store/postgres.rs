@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
@@ -296,6 +296,15 @@ impl From<Error> for TxError {
 
 type TxResult<T> = std::result::Result<T, TxError>;
 
+impl From<TxError> for Error {
+    fn from(e: TxError) -> Error {
+        match e {
+            TxError::Pg(e) => pg_error(&e),
+            TxError::Engine(e) => e,
+        }
+    }
+}
+
 struct BatchConn {
     conn: Pooled,
     depth: u32,
@@ -318,6 +327,8 @@ struct Shared {
     /// (PgStore::s), so it never closes its parent's connections.
     pool: Pool<Manager>,
     batches: Mutex<HashMap<ThreadId, BatchConn>>,
+    /// Entries in `batches`: at 0 (the common case) no store call takes that lock.
+    open_batches: AtomicUsize,
     hub: Arc<Hub>,
     /// The wake slot this process's listener holds (-1: none); our own writers skip it.
     own_slot: Arc<AtomicI32>,
@@ -376,6 +387,7 @@ impl Shared {
             lock_key: schema::lock_key(&cfg.schema),
             pool,
             batches: Mutex::new(HashMap::new()),
+            open_batches: AtomicUsize::new(0),
             hub: Arc::new(Hub::default()),
             own_slot: Arc::new(AtomicI32::new(-1)),
             stop: Arc::new(AtomicBool::new(false)),
@@ -405,18 +417,9 @@ impl Shared {
         if let Some(r) = self.in_batch(&mut f) {
             return r;
         }
-        let started = Instant::now();
-        let mut attempt = 0u32;
+        let mut retry = Retry::new();
         loop {
-            let mut conn = match self.checkout() {
-                Ok(c) => c,
-                Err(e) if started.elapsed() < RECONNECT_FOR => {
-                    backoff(&mut attempt);
-                    let _ = e;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
+            let mut conn = self.checkout_retrying(&mut retry)?;
             let body = (|| -> TxResult<R> {
                 conn.client.batch_execute("BEGIN")?;
                 let r = f(&mut conn)?;
@@ -429,93 +432,129 @@ impl Shared {
             match body {
                 Ok(r) => {
                     return match conn.client.batch_execute("COMMIT") {
-                        Ok(()) => Ok(r),
+                        Ok(()) => {
+                            if wake {
+                                self.hub.notify();
+                            }
+                            Ok(r)
+                        }
                         Err(e) => {
                             discard(conn);
                             Err(pg_error(&e))
                         }
                     }
                 }
-                Err(TxError::Pg(e)) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
-                    if conn.client.is_closed() || conn.client.batch_execute("ROLLBACK").is_err() {
-                        discard(conn);
-                    }
-                    backoff(&mut attempt);
-                }
                 Err(err) => {
                     if conn.client.is_closed() || conn.client.batch_execute("ROLLBACK").is_err() {
                         discard(conn);
                     }
-                    return Err(match err {
-                        TxError::Pg(e) => pg_error(&e),
-                        TxError::Engine(e) => e,
-                    });
+                    match err {
+                        TxError::Pg(e) if retry.after(&e) => {}
+                        err => return Err(err.into()),
+                    }
                 }
             }
         }
     }
 
+    /// Runs `f` on this thread's open batch; `None` when it has none. Only the owning thread
+    /// uses an entry, and it is taken out of the map while `f` runs (put back even if `f`
+    /// panics): holding the map's lock across a statement let a batch blocked on a row another
+    /// thread's batch held keep that batch from ever committing, and stalled every store call.
+    fn with_batch<R>(&self, f: impl FnOnce(&mut BatchConn) -> R) -> Option<R> {
+        if self.open_batches.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        struct Taken<'a> {
+            batches: &'a Mutex<HashMap<ThreadId, BatchConn>>,
+            me: ThreadId,
+            batch: Option<BatchConn>,
+        }
+        impl Drop for Taken<'_> {
+            fn drop(&mut self) {
+                if let Some(b) = self.batch.take() {
+                    self.batches.lock().insert(self.me, b);
+                }
+            }
+        }
+        let me = std::thread::current().id();
+        let batch = self.batches.lock().remove(&me)?;
+        let mut taken = Taken { batches: &self.batches, me, batch: Some(batch) };
+        Some(f(taken.batch.as_mut().expect("taken above")))
+    }
+
+    fn has_batch(&self) -> bool {
+        self.open_batches.load(Ordering::Acquire) > 0 && self.batches.lock().contains_key(&std::thread::current().id())
+    }
+
     /// Inside this thread's batch: `f` under a savepoint. `None` when no batch is open here.
     fn in_batch<R>(&self, f: &mut impl FnMut(&mut Conn) -> TxResult<R>) -> Option<Result<R>> {
-        let me = std::thread::current().id();
-        let mut batches = self.batches.lock();
-        let b = batches.get_mut(&me)?;
-        let conn = &mut b.conn;
-        let run = (|| -> TxResult<R> {
-            conn.client.batch_execute("SAVEPOINT op")?;
-            let r = f(conn)?;
-            conn.client.batch_execute("RELEASE op")?;
-            Ok(r)
-        })();
-        Some(match run {
-            Ok(r) => Ok(r),
-            Err(e) => {
+        self.with_batch(|b| {
+            let conn = &mut b.conn;
+            let run = (|| -> TxResult<R> {
+                conn.client.batch_execute("SAVEPOINT op")?;
+                let r = f(conn)?;
+                conn.client.batch_execute("RELEASE op")?;
+                Ok(r)
+            })();
+            run.map_err(|e| {
                 let _ = conn.client.batch_execute("ROLLBACK TO op; RELEASE op");
-                Err(match e {
-                    TxError::Pg(e) => pg_error(&e),
-                    TxError::Engine(e) => e,
-                })
-            }
+                Error::from(e)
+            })
         })
     }
 
     /// A read outside any transaction (on the batch connection while this thread holds one).
     fn read<R>(&self, mut f: impl FnMut(&mut Conn) -> TxResult<R>) -> Result<R> {
-        {
-            let me = std::thread::current().id();
-            let mut batches = self.batches.lock();
-            if let Some(b) = batches.get_mut(&me) {
-                return f(&mut b.conn).map_err(|e| match e {
-                    TxError::Pg(e) => pg_error(&e),
-                    TxError::Engine(e) => e,
-                });
-            }
+        if let Some(r) = self.with_batch(|b| f(&mut b.conn).map_err(Error::from)) {
+            return r;
         }
-        let started = Instant::now();
-        let mut attempt = 0u32;
+        let mut retry = Retry::new();
         loop {
-            let mut conn = match self.checkout() {
-                Ok(c) => c,
-                Err(_) if started.elapsed() < RECONNECT_FOR => {
-                    backoff(&mut attempt);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
+            let mut conn = self.checkout_retrying(&mut retry)?;
             match f(&mut conn) {
                 Ok(r) => return Ok(r),
-                Err(TxError::Pg(e)) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
-                    discard(conn);
-                    backoff(&mut attempt);
-                }
-                Err(e) => {
-                    return Err(match e {
-                        TxError::Pg(e) => pg_error(&e),
-                        TxError::Engine(e) => e,
-                    });
-                }
+                Err(TxError::Pg(e)) if retry.after(&e) => discard(conn),
+                Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// A pooled connection; while none can be had, retried as `retry` allows.
+    fn checkout_retrying(&self, retry: &mut Retry) -> Result<Pooled> {
+        loop {
+            match self.checkout() {
+                Err(_) if retry.again() => {}
+                got => return got,
+            }
+        }
+    }
+}
+
+/// One operation's tries against lost connections and conflicts: backoff between them, for
+/// at most `RECONNECT_FOR`.
+struct Retry {
+    started: Instant,
+    attempt: u32,
+}
+
+impl Retry {
+    fn new() -> Retry {
+        Retry { started: Instant::now(), attempt: 0 }
+    }
+
+    /// Backs off and returns true while there is time for another try.
+    fn again(&mut self) -> bool {
+        if self.started.elapsed() >= RECONNECT_FOR {
+            return false;
+        }
+        backoff(&mut self.attempt);
+        true
+    }
+
+    /// Whether `e` is worth another try (backing off first if so).
+    fn after(&mut self, e: &postgres::Error) -> bool {
+        retryable(e) && self.again()
     }
 }
 
@@ -679,13 +718,7 @@ impl PgStore {
     }
 
     fn write<R>(&self, wake: bool, f: impl FnMut(&mut Conn) -> TxResult<R>) -> Result<R> {
-        let s = self.s()?;
-        let in_batch = s.batches.lock().contains_key(&std::thread::current().id());
-        let r = s.tx(wake, f)?;
-        if wake && !in_batch {
-            s.hub.notify();
-        }
-        Ok(r)
+        self.s()?.tx(wake, f)
     }
 
     fn read<R>(&self, f: impl FnMut(&mut Conn) -> TxResult<R>) -> Result<R> {
@@ -1067,10 +1100,9 @@ impl Backend for PgStore {
 
     fn enqueue(&self, tasks: &[NewTask]) -> Result<Vec<Enqueued>> {
         let s = self.s()?;
-        let in_batch = s.batches.lock().contains_key(&std::thread::current().id());
         // The common case, one plain task outside a batch: one statement, one round trip.
         if let [t] = tasks {
-            if !in_batch && t.unique_key.is_none() && t.depends_on.is_empty() {
+            if t.unique_key.is_none() && t.depends_on.is_empty() && !s.has_batch() {
                 validate(t)?;
                 // Concurrent plain enqueues of this process share one INSERT and one commit.
                 let id = s.enqueues.submit(
@@ -1448,37 +1480,42 @@ impl Backend for PgStore {
 
     fn begin_batch(&self) -> Result<()> {
         let s = self.s()?;
-        let me = std::thread::current().id();
-        let mut batches = s.batches.lock();
-        if let Some(b) = batches.get_mut(&me) {
+        let nested = s.with_batch(|b| {
             b.conn.client.batch_execute(&format!("SAVEPOINT batch{}", b.depth)).map_err(|e| pg_error(&e))?;
             b.depth += 1;
-            return Ok(());
+            Ok(())
+        });
+        if let Some(r) = nested {
+            return r;
         }
-        drop(batches);
         let mut conn = s.checkout()?;
         conn.client.batch_execute("BEGIN").map_err(|e| pg_error(&e))?;
-        s.batches.lock().insert(me, BatchConn { conn, depth: 1 });
+        s.batches.lock().insert(std::thread::current().id(), BatchConn { conn, depth: 1 });
+        s.open_batches.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
     fn end_batch(&self, commit: bool) -> Result<()> {
         let s = self.s()?;
         let me = std::thread::current().id();
-        let mut batches = s.batches.lock();
-        let Some(b) = batches.get_mut(&me) else {
-            return Err(Error::invalid("batch", "no batch is open on this thread"));
-        };
-        b.depth -= 1;
-        if b.depth > 0 {
+        let inner = s.with_batch(|b| {
+            if b.depth == 1 {
+                return None;
+            }
+            b.depth -= 1;
             let sql = if commit {
                 format!("RELEASE batch{}", b.depth)
             } else {
                 format!("ROLLBACK TO batch{0}; RELEASE batch{0}", b.depth)
             };
-            return b.conn.client.batch_execute(&sql).map_err(|e| pg_error(&e));
+            Some(b.conn.client.batch_execute(&sql).map_err(|e| pg_error(&e)))
+        });
+        match inner {
+            None => return Err(Error::invalid("batch", "no batch is open on this thread")),
+            Some(Some(r)) => return r,
+            Some(None) => {}
         }
-        let BatchConn { mut conn, .. } = batches.remove(&me).expect("present");
-        drop(batches);
+        let BatchConn { mut conn, .. } = s.batches.lock().remove(&me).expect("present");
+        s.open_batches.fetch_sub(1, Ordering::AcqRel);
         let res = if commit {
             let own = s.own();
             conn.exec("SELECT @.wake($1)", &[&own])
@@ -1526,7 +1563,7 @@ fn cycle_fast(
     if !progress.is_empty() || !s.in_doubt.lock().is_empty() {
         return Ok(Fast::NotApplicable);
     }
-    if s.batches.lock().contains_key(&std::thread::current().id()) {
+    if s.has_batch() {
         return Ok(Fast::NotApplicable);
     }
     let (mut ids, mut tokens, mut results) = (Vec::new(), Vec::new(), Vec::new());
@@ -1740,16 +1777,11 @@ fn enqueue_plain(s: &Shared, batch: &[NewTask]) -> Vec<Result<TaskId>> {
     let meta: Vec<Option<&str>> = batch.iter().map(|t| t.meta.as_deref()).collect();
     let tokens: Vec<i64> = args.iter().map(|a| a.token).collect();
     let ids = |rows: &[Row]| -> HashMap<i64, TaskId> { rows.iter().map(|r| (r.get(0), r.get(1))).collect() };
-    let started = Instant::now();
-    let mut attempt = 0u32;
+    let mut retry = Retry::new();
     let mut in_doubt = false;
     let failed = loop {
-        let mut conn = match s.checkout() {
+        let mut conn = match s.checkout_retrying(&mut retry) {
             Ok(c) => c,
-            Err(_) if started.elapsed() < RECONNECT_FOR => {
-                backoff(&mut attempt);
-                continue;
-            }
             Err(e) => break e,
         };
         if in_doubt {
@@ -1761,9 +1793,8 @@ fn enqueue_plain(s: &Shared, batch: &[NewTask]) -> Vec<Result<TaskId>> {
                     return tokens.iter().map(|t| stored.get(t).copied().ok_or_else(|| lost_row(*t))).collect();
                 }
                 Ok(_) => {}
-                Err(e) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
+                Err(e) if retry.after(&e) => {
                     discard(conn);
-                    backoff(&mut attempt);
                     continue;
                 }
                 Err(e) => break pg_error(&e),
@@ -1779,10 +1810,9 @@ fn enqueue_plain(s: &Shared, batch: &[NewTask]) -> Vec<Result<TaskId>> {
                 let stored = ids(&rows);
                 return tokens.iter().map(|t| stored.get(t).copied().ok_or_else(|| lost_row(*t))).collect();
             }
-            Err(e) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
+            Err(e) if retry.after(&e) => {
                 in_doubt = true;
                 discard(conn);
-                backoff(&mut attempt);
             }
             Err(e) => break pg_error(&e),
         }
@@ -1811,25 +1841,16 @@ fn enqueue_single(s: &Shared, t: &NewTask) -> Result<TaskId> {
      VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, @.now_us()), $9, $10, $11, $12)
      RETURNING id, @.wake($13)";
     let a = InsertArgs::of(t);
-    let started = Instant::now();
-    let mut attempt = 0u32;
+    let mut retry = Retry::new();
     let mut in_doubt = false;
     loop {
-        let mut conn = match s.checkout() {
-            Ok(c) => c,
-            Err(_) if started.elapsed() < RECONNECT_FOR => {
-                backoff(&mut attempt);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let mut conn = s.checkout_retrying(&mut retry)?;
         if in_doubt {
             match conn.opt("SELECT id FROM @.tasks WHERE token = $1", &[&a.token]) {
                 Ok(Some(r)) => return Ok(r.get(0)),
                 Ok(None) => {}
-                Err(e) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
+                Err(e) if retry.after(&e) => {
                     discard(conn);
-                    backoff(&mut attempt);
                     continue;
                 }
                 Err(e) => return Err(pg_error(&e)),
@@ -1840,10 +1861,9 @@ fn enqueue_single(s: &Shared, t: &NewTask) -> Result<TaskId> {
         params.push(&own);
         match conn.one(SQL, &params) {
             Ok(r) => return Ok(r.get(0)),
-            Err(e) if retryable(&e) && started.elapsed() < RECONNECT_FOR => {
+            Err(e) if retry.after(&e) => {
                 in_doubt = true;
                 discard(conn);
-                backoff(&mut attempt);
             }
             Err(e) => return Err(pg_error(&e)),
         }
