@@ -326,24 +326,7 @@ impl Template {
         let runtime = runtime.parse::<Runtime>().map_err(to_py)?;
         core::target::validate(runtime, &target).map_err(to_py)?;
         let receiver = receiver.filter(|r| !r.is_none()).map(|r| json::encode_value(r, "receiver")).transpose()?;
-        match (runtime, &receiver) {
-            (Runtime::Ruby, None) if target.contains('#') => {
-                return Err(invalid(
-                    "receiver",
-                    format!("{target}: an instance-method target needs receiver= (the instance's id)"),
-                ));
-            }
-            (Runtime::Ruby, Some(_)) if !target.contains('#') => {
-                return Err(invalid(
-                    "receiver",
-                    format!("{target}: only a Ruby \"Const#method\" target takes a receiver"),
-                ));
-            }
-            (Runtime::Python, Some(_)) => {
-                return Err(invalid("receiver", "only Ruby instance-method targets take a receiver"))
-            }
-            _ => {}
-        }
+        core::target::validate_receiver(runtime, &target, receiver.as_deref()).map_err(to_py)?;
         let mut task = NewTask::new(runtime, target);
         task.receiver = receiver;
         task.queue = queue;

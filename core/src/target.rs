@@ -170,6 +170,22 @@ fn is_ident(s: &str, first_upper: Option<bool>) -> bool {
 }
 
 /// Checks a target name for `runtime`; the message names what is wrong.
+/// Whether `target` takes a receiver: only a Ruby instance-method target (`Const#method`) does,
+/// and it needs one (the id its class finds the instance by).
+pub fn validate_receiver(runtime: Runtime, target: &str, receiver: Option<&str>) -> Result<()> {
+    let why = match (runtime, receiver) {
+        (Runtime::Ruby, None) if target.contains('#') => {
+            format!("{target}: an instance-method target needs a receiver (the instance's id)")
+        }
+        (Runtime::Ruby, Some(_)) if !target.contains('#') => {
+            format!("{target}: only a Ruby \"Const#method\" target takes a receiver")
+        }
+        (Runtime::Python, Some(_)) => "only Ruby instance-method targets take a receiver".to_string(),
+        _ => return Ok(()),
+    };
+    Err(Error::invalid("receiver", why))
+}
+
 pub fn validate(runtime: Runtime, target: &str) -> Result<()> {
     let bad = |why: String| Err(Error::invalid("target", format!("{target:?}: {why}")));
     if target.is_empty() || target.len() > 500 {

@@ -58,6 +58,9 @@ fn bad_input_is_refused_with_the_field_named() {
             (NewTask::new(Runtime::Ruby, "Kernel#system"), "target"),
             (NewTask::new(Runtime::Ruby, "LongRunningMailJob.class_eval"), "target"),
             (py("x").unique_key(""), "unique_key"),
+            (NewTask::new(Runtime::Ruby, "Report#build"), "receiver"),
+            (NewTask { receiver: Some("7".into()), ..NewTask::new(Runtime::Ruby, "Report.build") }, "receiver"),
+            (NewTask { receiver: Some("7".into()), ..py("x") }, "receiver"),
         ];
         for (task, field) in cases {
             match s.enqueue(task.clone()) {

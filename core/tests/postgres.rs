@@ -502,6 +502,9 @@ fn concurrent_plain_enqueues_share_inserts_and_each_gets_its_own_task() {
                             }
                             if i % 3 == 0 {
                                 task.run_at = Some(later + i as i64);
+                                // A receiver belongs to a Ruby instance-method target.
+                                task.runtime = Runtime::Ruby;
+                                task.target = format!("Jobs#t{t}_{i}");
                                 task.receiver = Some(format!("{i}"));
                                 task.meta = Some(format!(r#"{{"i":{i}}}"#));
                                 task.timeout = Some(Duration::from_millis(1500));
@@ -520,8 +523,19 @@ fn concurrent_plain_enqueues_share_inserts_and_each_gets_its_own_task() {
         assert!(ids.insert(id), "id {id} handed out twice");
         let got = store.task(id).unwrap();
         assert_eq!(
-            (&got.target, &got.args, got.priority, &got.queue, &got.receiver, &got.meta, got.retries, got.timeout),
             (
+                got.runtime,
+                &got.target,
+                &got.args,
+                got.priority,
+                &got.queue,
+                &got.receiver,
+                &got.meta,
+                got.retries,
+                got.timeout
+            ),
+            (
+                want.runtime,
                 &want.target,
                 &want.args,
                 want.priority,

@@ -125,6 +125,7 @@ pub(super) fn validate(t: &NewTask) -> Result<()> {
     if let Some(r) = &t.receiver {
         check_json("receiver", r)?;
     }
+    target::validate_receiver(t.runtime, &t.target, t.receiver.as_deref())?;
     if t.unique_key.as_deref() == Some("") {
         return Err(Error::invalid("unique_key", "must not be empty"));
     }
