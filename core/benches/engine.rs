@@ -412,14 +412,11 @@ fn drain_figures(plan: &Plan) {
     let mut queued = Vec::new();
     let mut ten = Vec::new();
     for _ in 0..plan.drain_rounds {
-        let (dir, store) = fresh_store(Synchronous::Normal);
-        enqueue_parallel(&store, plan.drain);
-        checkpoint(dir.path());
-        let d = drain(&store, DEFAULT_WORKERS, plan.drain, 0);
+        let d = drain_fresh(DEFAULT_WORKERS, plan.drain, false);
         ten.push(plan.drain as f64 / d.parallel.as_secs_f64());
-        let d = drain_fresh(plan.drain, false);
+        let d = drain_fresh(2, plan.drain, false);
         plain.push(plan.drain as f64 / d.parallel.as_secs_f64());
-        let d = drain_fresh(plan.drain, true);
+        let d = drain_fresh(2, plan.drain, true);
         backlog.push(plan.drain as f64 / d.parallel.as_secs_f64());
         queued.push(QUEUED as f64 / d.queued.as_secs_f64());
     }
@@ -453,8 +450,8 @@ fn drain_figures(plan: &Plan) {
     );
 }
 
-/// A fresh database with `parallel` ready tasks (and the backlog if asked), drained.
-fn drain_fresh(parallel: usize, with_backlog: bool) -> Drained {
+/// A fresh database with `parallel` ready tasks (and the backlog if asked), drained by `workers`.
+fn drain_fresh(workers: usize, parallel: usize, with_backlog: bool) -> Drained {
     let (dir, store) = fresh_store(Synchronous::Normal);
     if with_backlog {
         fill_backlog(&store, parallel);
@@ -462,7 +459,7 @@ fn drain_fresh(parallel: usize, with_backlog: bool) -> Drained {
         enqueue_parallel(&store, parallel);
     }
     checkpoint(dir.path());
-    drain(&store, 2, parallel, if with_backlog { QUEUED } else { 0 })
+    drain(&store, workers, parallel, if with_backlog { QUEUED } else { 0 })
 }
 
 fn enqueue_parallel(store: &Store, n: usize) {

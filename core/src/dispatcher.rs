@@ -443,6 +443,7 @@ impl Worker {
                     format!("timed out after {:.3}s", limit.as_secs_f64()),
                 )))
             }
+            (Settle::Outcome(o), _) => Settle::Outcome(o.normalized()),
             (s, _) => s,
         };
         let (tx, rx) = bounded(1);

@@ -258,10 +258,23 @@ pub struct Task {
 /// What a host reports when the task's code returned.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// Normal return; JSON text of the result.
+    /// Normal return; JSON text of the result (text that is not JSON is stored as a JSON string).
     Success(String),
     /// An exception (or a failure convention such as a bad rc).
     Failure(ErrorRecord),
+}
+
+impl Outcome {
+    /// The outcome as the stores take it: a success's result is JSON. Done on the worker's
+    /// thread, so the dispatcher's one writer thread never parses results.
+    pub(crate) fn normalized(self) -> Outcome {
+        match self {
+            Outcome::Success(text) if serde_json::from_str::<serde_json::Value>(&text).is_err() => {
+                Outcome::Success(serde_json::Value::String(text).to_string())
+            }
+            o => o,
+        }
+    }
 }
 
 /// Why a running task's cancellation flag was raised.

@@ -30,18 +30,18 @@ impl<T, R> Default for Combiner<T, R> {
     }
 }
 
-/// Clears `running` if a batch unwinds, so the next caller runs the batch instead of waiting
-/// forever; the unwinding batch's callers get `on_panic`'s result.
+/// While a batch runs: if it unwinds, answers its callers with `on_panic`'s result and clears
+/// `running`, so the next caller runs the next batch instead of waiting forever.
 struct Running<'a, T, R, F: Fn() -> R> {
     combiner: &'a Combiner<T, R>,
-    tickets: Vec<u64>,
+    tickets: &'a [u64],
     on_panic: F,
 }
 
 impl<T, R, F: Fn() -> R> Drop for Running<'_, T, R, F> {
     fn drop(&mut self) {
         let mut st = self.combiner.state.lock();
-        for t in self.tickets.drain(..) {
+        for &t in self.tickets {
             st.results.insert(t, (self.on_panic)());
         }
         st.running = false;
@@ -71,18 +71,15 @@ impl<T, R> Combiner<T, R> {
             st.running = true;
             let (tickets, items): (Vec<u64>, Vec<T>) = std::mem::take(&mut st.queued).into_iter().unzip();
             drop(st);
-            let mut guard = Running { combiner: self, tickets: Vec::new(), on_panic: &on_panic };
+            let guard = Running { combiner: self, tickets: &tickets, on_panic: &on_panic };
             let n = items.len();
-            guard.tickets = tickets.clone();
             let results = run(items);
             assert_eq!(results.len(), n, "one result per item");
+            std::mem::forget(guard);
             st = self.state.lock();
             st.results.extend(tickets.into_iter().zip(results));
-            guard.tickets.clear();
-            // The guard clears `running` and wakes the waiters (it takes the lock itself).
-            drop(st);
-            drop(guard);
-            st = self.state.lock();
+            st.running = false;
+            self.done.notify_all();
         }
     }
 }

@@ -931,8 +931,8 @@ fn claim(c: &mut Conn, req: &ClaimReq<'_>) -> TxResult<Vec<ClaimedRow>> {
         return Ok(out);
     }
     let left = (req.want - out.len()) as i64;
-    let named: Option<Vec<String>> = req.selection.named.clone();
-    let any_named = named.as_ref().is_none_or(|n| !n.is_empty());
+    let named = req.selection.named.as_deref();
+    let any_named = named.is_none_or(|n| !n.is_empty());
     let candidates = c.query(CANDIDATES, &[&rt, &left, &req.selection.parallel, &any_named, &named])?;
     if candidates.is_empty() {
         return Ok(out);
@@ -953,15 +953,13 @@ fn claim(c: &mut Conn, req: &ClaimReq<'_>) -> TxResult<Vec<ClaimedRow>> {
 fn settle(c: &mut Conn, s: &SettleReq, policy: &RetryPolicy) -> TxResult<Result<Settled>> {
     // The common case in one statement: a success with no cancel pending.
     if let (Settle::Outcome(Outcome::Success(json)), None) = (&s.settle, &s.progress) {
-        if serde_json::from_str::<serde_json::Value>(json).is_ok() {
-            let done = c.exec(
-                "UPDATE @.tasks SET state = 'successful', result = $3, error = NULL, finished_at = @.now_us()
-                  WHERE id = $1 AND token = $2 AND state = 'running' AND cancel = 0",
-                &[&s.id, &s.token, json],
-            )?;
-            if done == 1 {
-                return Ok(Ok(Settled::Successful));
-            }
+        let done = c.exec(
+            "UPDATE @.tasks SET state = 'successful', result = $3, error = NULL, finished_at = @.now_us()
+              WHERE id = $1 AND token = $2 AND state = 'running' AND cancel = 0",
+            &[&s.id, &s.token, json],
+        )?;
+        if done == 1 {
+            return Ok(Ok(Settled::Successful));
         }
     }
     let row = c.opt(
@@ -1018,11 +1016,7 @@ fn settle(c: &mut Conn, s: &SettleReq, policy: &RetryPolicy) -> TxResult<Result<
     } else {
         match outcome {
             Outcome::Success(json) => {
-                let stored = if serde_json::from_str::<serde_json::Value>(json).is_ok() {
-                    json.clone()
-                } else {
-                    serde_json::Value::String(json.clone()).to_string()
-                };
+                let stored = json.clone();
                 ("successful", Some(stored), None, Settled::Successful)
             }
             Outcome::Failure(e) if attempts <= retries => {
@@ -1573,11 +1567,7 @@ fn cycle_fast(
         };
         ids.push(st.id);
         tokens.push(st.token);
-        results.push(if serde_json::from_str::<serde_json::Value>(json).is_ok() {
-            json.clone()
-        } else {
-            serde_json::Value::String(json.clone()).to_string()
-        });
+        results.push(json.as_str());
     }
     let want = claim_req.map_or(0, |r| r.want);
     if settles.is_empty() && want == 0 {
@@ -1585,10 +1575,10 @@ fn cycle_fast(
     }
     let claim_tokens: Vec<i64> = (0..want).map(|_| fastrand::i64(1..i64::MAX)).collect();
     let (rt, dispatcher, parallel, named) = match claim_req {
-        Some(r) => (r.runtime.as_str(), r.dispatcher, r.selection.parallel, r.selection.named.clone()),
+        Some(r) => (r.runtime.as_str(), r.dispatcher, r.selection.parallel, r.selection.named.as_deref()),
         None => ("python", 0, false, None),
     };
-    let any_named = named.as_ref().is_none_or(|n| !n.is_empty());
+    let any_named = named.is_none_or(|n| !n.is_empty());
     let wake = !settles.is_empty();
     let Ok(mut conn) = s.checkout() else { return Ok(Fast::NotApplicable) };
     let own = s.own();

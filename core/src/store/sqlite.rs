@@ -373,16 +373,14 @@ fn claim(c: &Connection, req: &ClaimReq<'_>, now: i64) -> Result<(Vec<ClaimedRow
 fn settle(c: &Connection, s: &SettleReq, now: i64, policy: &RetryPolicy) -> Result<Result<Settled>> {
     // The common case in one statement: a success with no cancel pending.
     if let (Settle::Outcome(Outcome::Success(json)), None) = (&s.settle, &s.progress) {
-        if serde_json::from_str::<serde_json::Value>(json).is_ok() {
-            let done = c
-                .prepare_cached(
-                    "UPDATE tasks SET state = 'successful', result = ?3, error = NULL, finished_at = ?4
-                      WHERE id = ?1 AND token = ?2 AND state = 'running' AND cancel = 0",
-                )?
-                .execute(params![s.id, s.token, json, now])?;
-            if done == 1 {
-                return Ok(Ok(Settled::Successful));
-            }
+        let done = c
+            .prepare_cached(
+                "UPDATE tasks SET state = 'successful', result = ?3, error = NULL, finished_at = ?4
+                  WHERE id = ?1 AND token = ?2 AND state = 'running' AND cancel = 0",
+            )?
+            .execute(params![s.id, s.token, json, now])?;
+        if done == 1 {
+            return Ok(Ok(Settled::Successful));
         }
     }
     let row: Option<(i64, i64, i64)> = c
@@ -421,14 +419,7 @@ fn settle(c: &Connection, s: &SettleReq, now: i64, policy: &RetryPolicy) -> Resu
         ("aborted", None, Some(err.clone()), None, Settled::Aborted(err))
     } else {
         match outcome {
-            Outcome::Success(json) => {
-                let stored = if serde_json::from_str::<serde_json::Value>(json).is_ok() {
-                    json.clone()
-                } else {
-                    serde_json::Value::String(json.clone()).to_string()
-                };
-                ("successful", Some(stored), None, None, Settled::Successful)
-            }
+            Outcome::Success(json) => ("successful", Some(json.clone()), None, None, Settled::Successful),
             Outcome::Failure(e) if attempts <= retries => {
                 let delay = retry::backoff(attempts as u32, policy.base, policy.cap);
                 let at = now + delay.as_micros() as i64;
