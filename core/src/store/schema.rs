@@ -185,7 +185,7 @@ END;
 ///   IN list of more than two values inside a CHECK, on every INSERT and UPDATE of the row;
 /// - `indexed`: a task enqueued on its own, with no queue, dependency or delay, is stored with
 ///   `indexed = 0` and left out of the ready index, so its commit writes one b-tree page instead
-///   of two. The next claim of any dispatcher promotes every such task (`promote` in sqlite.rs)
+///   of two. The next claim of any dispatcher promotes every such task (the start of `claim` in sqlite.rs)
 ///   before it looks at the index: the ids above `promotion.mark`, all in the table's last pages.
 const TASKS_V2: &str = r#"
 CREATE TABLE tasks_v2 (
